@@ -1,0 +1,49 @@
+//! Flow-matching mathematics: the part of Flowline that must be exactly right.
+//!
+//! Convention (as in FLUX, SD3 and ComfyUI): σ = 1 is the start (pure noise), σ = 0 is data.
+//! A sample on the path is `x_σ = σ·ε + (1−σ)·x0`, the network predicts the velocity
+//! `v = ε − x0`, the clean estimate is `x̂0 = x − σ·v`, and an Euler step from σ to σ' is
+//! `x ← x + (σ' − σ)·v`. Because the paths are straight lines, plain Euler already works well,
+//! and few steps keep quality after distillation.
+//!
+//! The pieces are independent of any network: [`schedule`] makes the σ ladder, [`noise`] makes
+//! the portable start noise, [`guidance`] combines conditional and unconditional predictions,
+//! and [`sampler`] integrates a [`sampler::VelocityField`] while reporting every step.
+
+pub mod guidance;
+pub mod noise;
+pub mod sampler;
+pub mod schedule;
+
+use candle_core::{DType, Result, Tensor};
+
+/// The point on the straight path between data `x0` and noise `eps` at noise level `sigma`.
+pub fn interpolate(x0: &Tensor, eps: &Tensor, sigma: f64) -> Result<Tensor> {
+    eps.affine(sigma, 0.0)? + x0.affine(1.0 - sigma, 0.0)?
+}
+
+/// The clean-image estimate `x̂0 = x − σ·v` implied by a velocity prediction.
+pub fn clean_estimate(x: &Tensor, velocity: &Tensor, sigma: f64) -> Result<Tensor> {
+    x - velocity.affine(sigma, 0.0)?
+}
+
+/// The velocity `v = (x − x̂0)/σ` implied by a clean-image estimate (σ > 0).
+pub fn velocity_from_clean(x: &Tensor, clean: &Tensor, sigma: f64) -> Result<Tensor> {
+    (x - clean)?.affine(1.0 / sigma, 0.0)
+}
+
+/// Euclidean norm of all elements, computed in f64.
+pub fn l2_norm(t: &Tensor) -> Result<f64> {
+    t.to_dtype(DType::F64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()
+        .map(f64::sqrt)
+}
+
+/// Inner product of all elements, computed in f64.
+pub fn dot(a: &Tensor, b: &Tensor) -> Result<f64> {
+    (a.to_dtype(DType::F64)? * b.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .to_scalar::<f64>()
+}

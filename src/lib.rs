@@ -1,0 +1,5 @@
+//! Flowline's engine: flow-matching mathematics, the node graph, the background executor,
+//! workflow files and the models. It knows nothing of any user interface; the desktop app and
+//! the command line are thin layers on top.
+
+pub mod flow;
