@@ -1,1 +1,44 @@
-fn main() {}
+//! The `flowline` command: a thin layer over the engine library.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "flowline",
+    version,
+    about = "Flow-matching image generation as a node graph",
+    long_about = "Flow-matching image generation as a node graph.\n\n\
+                  Without a command, this prints this help; the desktop app comes in a later build."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs a workflow headless and prints the paths of the images it writes.
+    Run(cli::run::RunArgs),
+    /// Measures the sampler's per-step overhead apart from model time.
+    Bench(cli::bench::BenchArgs),
+    /// Writes a labelled sample grid of the procedural shapes data set.
+    Dataset(cli::dataset::DatasetArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Run(args)) => cli::run::run(args),
+        Some(Command::Bench(args)) => cli::bench::bench(args),
+        Some(Command::Dataset(args)) => cli::dataset::dataset(args),
+        None => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_long_help();
+            ExitCode::SUCCESS
+        }
+    }
+}

@@ -8,13 +8,11 @@
 //! acts on them directly. All norms and statistics run over the whole latent (batch size 1).
 
 use candle_core::{Result, Tensor};
-use serde::{Deserialize, Serialize};
 
 use super::{clean_estimate, dot, l2_norm, velocity_from_clean};
 
 /// How conditional and unconditional predictions are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuidanceMethod {
     /// `v_u + s·(v_c − v_u)`.
     Cfg,
@@ -39,14 +37,16 @@ impl GuidanceMethod {
         GuidanceMethod::Apg,
     ];
 
-    /// The name used in workflow files and on the command line.
+    /// The names used in workflow files and on the command line, in the order of [`Self::ALL`].
+    pub const NAMES: [&'static str; 4] = ["cfg", "rescale", "cfg_zero_star", "apg"];
+
     pub fn name(self) -> &'static str {
-        match self {
-            GuidanceMethod::Cfg => "cfg",
-            GuidanceMethod::Rescale => "rescale",
-            GuidanceMethod::CfgZeroStar => "cfg_zero_star",
-            GuidanceMethod::Apg => "apg",
-        }
+        Self::NAMES[self as usize]
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        let index = Self::NAMES.iter().position(|n| *n == name)?;
+        Some(Self::ALL[index])
     }
 }
 

@@ -8,7 +8,6 @@
 use std::ops::ControlFlow;
 
 use candle_core::Tensor;
-use serde::{Deserialize, Serialize};
 
 use super::{clean_estimate, l2_norm};
 
@@ -17,8 +16,7 @@ use super::{clean_estimate, l2_norm};
 pub const DIVERGENCE_RMS_LIMIT: f64 = 1e3;
 
 /// Numerical integrators for the flow ODE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SamplerKind {
     /// First order; one model evaluation per step.
     Euler,
@@ -34,13 +32,16 @@ impl SamplerKind {
     /// Every sampler, in the order a user sees them.
     pub const ALL: [SamplerKind; 3] = [SamplerKind::Euler, SamplerKind::Heun, SamplerKind::Dpmpp2m];
 
-    /// The name used in workflow files and on the command line.
+    /// The names used in workflow files and on the command line, in the order of [`Self::ALL`].
+    pub const NAMES: [&'static str; 3] = ["euler", "heun", "dpmpp_2m"];
+
     pub fn name(self) -> &'static str {
-        match self {
-            SamplerKind::Euler => "euler",
-            SamplerKind::Heun => "heun",
-            SamplerKind::Dpmpp2m => "dpmpp_2m",
-        }
+        Self::NAMES[self as usize]
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        let index = Self::NAMES.iter().position(|n| *n == name)?;
+        Some(Self::ALL[index])
     }
 }
 

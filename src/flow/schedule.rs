@@ -5,11 +5,8 @@
 //! `t_start = w⁻¹(σ_start)` down to 0 in its N steps, so strength 0.6 with the shifted
 //! scheduler spends its steps where the full run would have spent them.
 
-use serde::{Deserialize, Serialize};
-
 /// Which warp of the time grid to use.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Scheduler {
     /// Linear σ: `σ_i = 1 − i/N`.
     Simple,

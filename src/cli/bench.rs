@@ -1,0 +1,103 @@
+//! `flowline bench`: how much time the sampling loop itself costs per step, apart from the
+//! model. The overhead is measured with a velocity field that costs nothing (it returns a
+//! tensor computed beforehand), so what remains is record keeping, norms, divergence checks
+//! and the update itself; the model's own time per evaluation is measured separately.
+
+use std::ops::ControlFlow;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use clap::Args;
+use flowline::flow::noise::gaussian;
+use flowline::flow::sampler::{SamplerKind, sample};
+use flowline::flow::schedule::Scheduler;
+use flowline::model::FAMILIES;
+
+use super::{EXIT_FAILURE, fail};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Steps per measured run.
+    #[arg(long, default_value_t = 32)]
+    steps: usize,
+    /// Measured runs per row (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+}
+
+const LATENT_SHAPES: [[usize; 4]; 3] = [[1, 3, 64, 64], [1, 16, 64, 64], [1, 16, 128, 128]];
+
+pub fn bench(args: BenchArgs) -> ExitCode {
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_FAILURE, format!("{e:#}")),
+    }
+}
+
+fn median_seconds(
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let started = Instant::now();
+        f()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let sigmas = Scheduler::Shifted { shift: 3.0 }.sigmas(args.steps, 1.0);
+    println!(
+        "Sampler overhead per step (model cost excluded), median of {} runs of {} steps",
+        args.repeats, args.steps
+    );
+    println!(
+        "{:<10} {:<16} {:>14} {:>12}",
+        "sampler", "latent", "overhead/step", "evals/step"
+    );
+    for shape in LATENT_SHAPES {
+        let start = gaussian(1, &shape[..], &Device::Cpu)?;
+        let velocity = gaussian(2, &shape[..], &Device::Cpu)?.affine(1e-3, 0.0)?;
+        for kind in SamplerKind::ALL {
+            let mut evaluations = 0usize;
+            let mut field = |_: &Tensor, _: f64| {
+                evaluations += 1;
+                Ok(velocity.clone())
+            };
+            let seconds = median_seconds(args.repeats, || {
+                sample(kind, &mut field, &start, &sigmas, &mut |_| {
+                    ControlFlow::Continue(())
+                })?;
+                Ok(())
+            })?;
+            let evals = evaluations as f64 / (args.repeats.max(1) * args.steps) as f64;
+            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+            println!(
+                "{:<10} {:<16} {:>11.1} µs {:>12.2}",
+                kind.name(),
+                dims.join("×"),
+                seconds / args.steps as f64 * 1e6,
+                evals
+            );
+        }
+    }
+
+    let family = &FAMILIES[0];
+    let model = (family.load)(std::path::Path::new(""), &Device::Cpu)?;
+    let shape = model.latent_shape(64, 64)?;
+    let conditioning = model.encode_prompt("a red circle")?;
+    let x = gaussian(3, shape, &Device::Cpu)?;
+    let seconds = median_seconds(args.repeats * 4, || {
+        model.velocity(&x, 0.5, &conditioning)?;
+        Ok(())
+    })?;
+    println!();
+    println!("Model time per evaluation, for comparison");
+    println!("{:<10} {:>14}", "model", "time/eval");
+    println!("{:<10} {:>11.1} µs", family.name, seconds * 1e6);
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The exemplar model: the exact flow-matching velocity of a finite set of pictures.
+//!
+//! For data made of K equally likely exemplars e_k, the velocity a perfect network would learn
+//! is closed form: the posterior weight of exemplar k at (x, σ) is
+//! `w_k ∝ exp(−‖x − (1−σ)·e_k‖² / 2σ²)`, the clean estimate is `x̂0 = Σ w_k e_k`, and
+//! `v = (x − x̂0)/σ`. The prompt picks the exemplars: pictures drawn from Flowline's procedural
+//! shapes data set that match every attribute the prompt states, in pixel space (the "latent"
+//! is the image scaled to [−1, 1]). It needs no weights, so it runs anywhere, instantly, and
+//! serves as the reference a trained model is measured against: it cannot generalise, but it
+//! can never miss the prompt.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{D, Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::SeedableRng;
+
+use super::{Conditioning, Family, FlowModel, LatentPreview, tensor_from_image};
+use crate::dataset::{Caption, Scene};
+use crate::nodes::InputError;
+
+pub const FAMILY: Family = Family {
+    name: "exemplar",
+    description: "built-in shapes model with the exact velocity of exemplar pictures (no weights)",
+    needs_path: false,
+    load,
+};
+
+/// Pictures drawn per prompt: enough variety for unstated attributes, cheap per step.
+const EXEMPLARS_PER_PROMPT: u64 = 48;
+/// The side of the pictures, in pixels.
+const SIDE: usize = 64;
+/// Exemplars are drawn from this fixed stream so a prompt always means the same pictures.
+const EXEMPLAR_SEED: u64 = 0x5EED_E4E3;
+/// Smallest σ the posterior is evaluated at (the sampler never evaluates at σ = 0).
+const MIN_SIGMA: f64 = 1e-4;
+
+fn load(_path: &Path, device: &Device) -> anyhow::Result<Arc<dyn FlowModel>> {
+    Ok(Arc::new(ExemplarModel {
+        device: device.clone(),
+        preview: LatentPreview {
+            matrix: [
+                vec![0.5, 0.0, 0.0],
+                vec![0.0, 0.5, 0.0],
+                vec![0.0, 0.0, 0.5],
+            ],
+            bias: [0.5; 3],
+        },
+    }))
+}
+
+struct ExemplarModel {
+    device: Device,
+    preview: LatentPreview,
+}
+
+impl ExemplarModel {
+    /// `[K, 3·SIDE·SIDE]` exemplars in latent space: scenes for `caption`, or for random
+    /// captions when the prompt is empty (the unconditional distribution).
+    fn exemplars(&self, caption: Option<&Caption>) -> anyhow::Result<Tensor> {
+        let pictures = (0..EXEMPLARS_PER_PROMPT)
+            .map(|k| {
+                let mut rng =
+                    ChaCha8Rng::seed_from_u64(EXEMPLAR_SEED ^ k.wrapping_mul(0x9E37_79B9));
+                let caption = match caption {
+                    Some(c) => *c,
+                    None => Caption::sample(&mut rng),
+                };
+                let image = Scene::sample_for(&caption, &mut rng).render();
+                tensor_from_image(&image)?.affine(2.0, -1.0)?.flatten_all()
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&pictures, 0)?.to_device(&self.device)?)
+    }
+}
+
+impl FlowModel for ExemplarModel {
+    fn describe(&self) -> String {
+        format!(
+            "exemplar shapes model ({EXEMPLARS_PER_PROMPT} exemplars per prompt, {SIDE}×{SIDE} pixels)"
+        )
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn latent_shape(&self, width: usize, height: usize) -> anyhow::Result<Vec<usize>> {
+        if (width, height) != (SIDE, SIDE) {
+            return Err(InputError(format!(
+                "the exemplar model draws {SIDE}×{SIDE} pictures, not {width}×{height}"
+            ))
+            .into());
+        }
+        Ok(vec![1, 3, SIDE, SIDE])
+    }
+
+    fn image_tokens(&self, shape: &[usize]) -> usize {
+        shape[2] * shape[3]
+    }
+
+    fn encode_prompt(&self, text: &str) -> anyhow::Result<Conditioning> {
+        let (caption, warnings) = if text.trim().is_empty() {
+            (None, Vec::new())
+        } else {
+            let parsed =
+                Caption::parse(text).map_err(|e| InputError(format!("prompt {text:?}: {e}")))?;
+            let warnings = if parsed.unknown_words.is_empty() {
+                Vec::new()
+            } else {
+                vec![format!(
+                    "unknown words ignored: {}",
+                    parsed.unknown_words.join(", ")
+                )]
+            };
+            (Some(parsed.caption), warnings)
+        };
+        Ok(Conditioning {
+            context: self.exemplars(caption.as_ref())?,
+            pooled: None,
+            prompt: text.to_string(),
+            warnings,
+        })
+    }
+
+    fn velocity(&self, x: &Tensor, sigma: f64, cond: &Conditioning) -> anyhow::Result<Tensor> {
+        let sigma = sigma.max(MIN_SIGMA);
+        let alpha = 1.0 - sigma;
+        let exemplars = &cond.context;
+        let flat = x.flatten_all()?.unsqueeze(0)?;
+        // −‖x − α·e_k‖²/2σ², dropping ‖x‖² which is the same for every k.
+        let cross = flat
+            .matmul(&exemplars.t()?)?
+            .affine(alpha / (sigma * sigma), 0.0)?;
+        let norms = exemplars.sqr()?.sum(D::Minus1)?.unsqueeze(0)?;
+        let logits = (cross - norms.affine(alpha * alpha / (2.0 * sigma * sigma), 0.0)?)?;
+        let weights = candle_nn::ops::softmax(&logits, D::Minus1)?;
+        let clean = weights.matmul(exemplars)?.reshape(x.shape())?;
+        Ok(((x - clean)? / sigma)?)
+    }
+
+    fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(latent.squeeze(0)?.affine(0.5, 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    fn encode_image(&self, image: &Tensor) -> anyhow::Result<Tensor> {
+        let (_, height, width) = image.dims3().context("an image is [3, H, W]")?;
+        self.latent_shape(width, height)?;
+        Ok(image
+            .to_device(&self.device)?
+            .affine(2.0, -1.0)?
+            .unsqueeze(0)?)
+    }
+
+    fn preview(&self) -> &LatentPreview {
+        &self.preview
+    }
+}

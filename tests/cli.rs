@@ -1,0 +1,108 @@
+//! The `flowline` binary as a user runs it.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/workflows/default.json");
+
+fn flowline(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flowline"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn run_writes_a_png_and_a_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    let out = dir.path().join("out");
+    let output = flowline(&[
+        "run",
+        DEFAULT,
+        "--out",
+        out.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+        "--set",
+        "sampler.steps=6",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let written: Vec<&str> = stdout.lines().collect();
+    assert_eq!(written.len(), 1, "{stdout}");
+    assert!(written[0].ends_with("flowline_00001.png"));
+    let image = image::open(written[0]).unwrap();
+    assert_eq!((image.width(), image.height()), (64, 64));
+
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let sigmas: Vec<f64> = serde_json::from_value(trace["sigmas"].clone()).unwrap();
+    assert_eq!(sigmas.len(), 7);
+    assert_eq!((sigmas[0], sigmas[6]), (1.0, 0.0));
+    assert!(sigmas.windows(2).all(|w| w[0] > w[1]));
+    let straightness = trace["straightness"].as_f64().unwrap();
+    assert!(straightness > 0.0 && straightness <= 1.0, "{straightness}");
+    assert_eq!(trace["steps"].as_array().unwrap().len(), 6);
+}
+
+fn assert_bad_input(output: &Output, expected: &str) {
+    let err = stderr(output);
+    assert_eq!(output.status.code(), Some(2), "{err}");
+    assert!(err.contains(expected), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_broken_workflow_exits_2_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.json");
+    std::fs::write(
+        &broken,
+        "{\"format\": \"flowline-workflow\", \"version\": 1,\n \"nodes\": [}",
+    )
+    .unwrap();
+    assert_bad_input(
+        &flowline(&["run", broken.to_str().unwrap()]),
+        "broken.json: line 2, column 12",
+    );
+    std::fs::write(
+        &broken,
+        r#"{"format": "flowline-workflow", "version": 1, "nodes": [{"id": "x", "type": "upscale"}]}"#,
+    )
+    .unwrap();
+    assert_bad_input(
+        &flowline(&["run", broken.to_str().unwrap()]),
+        "unknown type \"upscale\"",
+    );
+    assert_bad_input(
+        &flowline(&["run", "/no/such/workflow.json"]),
+        "cannot read workflow /no/such/workflow.json",
+    );
+}
+
+#[test]
+fn bad_parameters_exit_2() {
+    assert_bad_input(
+        &flowline(&["run", DEFAULT, "--set", "sampler.steps=0"]),
+        "out of range",
+    );
+    assert_bad_input(
+        &flowline(&["run", DEFAULT, "--set", "nothing"]),
+        "is not NODE.PARAM=VALUE",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let output = flowline(&[
+        "run",
+        DEFAULT,
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--set",
+        "prompt.text=a glowing blue",
+    ]);
+    assert_bad_input(&output, "node \"prompt\" failed");
+    assert!(!Path::new(&dir.path().join("flowline_00001.png")).exists());
+}

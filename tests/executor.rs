@@ -1,0 +1,279 @@
+//! The background executor, driven as the GUI drives it: queue runs, read events, cancel.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flowline::executor::{Event, Executor, RunFailure, RunId};
+use flowline::graph::ParamValue;
+use flowline::nodes::RunEnv;
+use flowline::workflow::Workflow;
+
+fn default_workflow() -> Workflow {
+    Workflow::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/workflows/default.json"
+    )))
+    .unwrap()
+}
+
+fn env(dir: &tempfile::TempDir) -> RunEnv {
+    RunEnv {
+        output_dir: dir.path().to_path_buf(),
+        workflow_json: None,
+    }
+}
+
+/// Collects the events of `run` until it ends.
+fn events_of(executor: &Executor, run: RunId) -> Vec<Event> {
+    let mut events = Vec::new();
+    loop {
+        let event = executor
+            .events()
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the run ends");
+        if event.run() != run {
+            continue;
+        }
+        let done = event.is_terminal();
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
+fn nodes_where(events: &[Event], pick: fn(&Event) -> Option<&String>) -> Vec<String> {
+    let mut nodes: Vec<String> = events.iter().filter_map(pick).cloned().collect();
+    nodes.sort();
+    nodes
+}
+
+fn cached(e: &Event) -> Option<&String> {
+    match e {
+        Event::NodeCached { node, .. } => Some(node),
+        _ => None,
+    }
+}
+
+fn started(e: &Event) -> Option<&String> {
+    match e {
+        Event::NodeStarted { node, .. } => Some(node),
+        _ => None,
+    }
+}
+
+#[test]
+fn changing_only_the_seed_serves_loader_and_prompts_from_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut workflow = default_workflow();
+    let first = executor.run(workflow.graph.clone(), env(&dir));
+    let events = events_of(&executor, first);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    assert!(nodes_where(&events, cached).is_empty());
+
+    workflow.apply_assignment("start.seed=7").unwrap();
+    let second = executor.run(workflow.graph.clone(), env(&dir));
+    let events = events_of(&executor, second);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    assert_eq!(
+        nodes_where(&events, cached),
+        ["cfg", "model", "negative", "prompt"]
+    );
+    assert_eq!(
+        nodes_where(&events, started),
+        ["decode", "sampler", "save", "start"]
+    );
+    let saved = events
+        .iter()
+        .filter(|e| matches!(e, Event::Image { path: Some(_), .. }))
+        .count();
+    assert_eq!(saved, 1);
+}
+
+#[test]
+fn every_step_streams_a_record_and_previews() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let run = executor.run(default_workflow().graph, env(&dir));
+    let events = events_of(&executor, run);
+    let steps: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { step, .. } => Some(step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps.len(), 16);
+    for (i, step) in steps.iter().enumerate() {
+        assert_eq!(step.record.index, i);
+        assert_eq!(step.canvas_preview.dimensions(), (64, 64));
+        assert_eq!(step.clean_preview.dimensions(), (64, 64));
+    }
+    assert_eq!(steps[0].record.sigma, 1.0);
+    let straightness = events.iter().find_map(|e| match e {
+        Event::Trajectory {
+            straightness,
+            sigmas,
+            ..
+        } => Some((*straightness, sigmas.clone())),
+        _ => None,
+    });
+    let (straightness, sigmas) = straightness.expect("the sampler reports its trajectory");
+    assert!(straightness > 0.0 && straightness <= 1.0 + 1e-9);
+    assert_eq!((sigmas.len(), sigmas[0], sigmas[16]), (17, 1.0, 0.0));
+}
+
+#[test]
+fn cancel_takes_effect_within_one_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut workflow = default_workflow();
+    workflow.apply_assignment("sampler.steps=400").unwrap();
+    let run = executor.run(workflow.graph, env(&dir));
+    let mut steps_after_cancel = None;
+    loop {
+        let event = executor
+            .events()
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap();
+        match event {
+            Event::Step { step, .. } => {
+                if step.record.index == 3 {
+                    executor.cancel(run);
+                    steps_after_cancel = Some(0);
+                } else if let Some(n) = steps_after_cancel.as_mut() {
+                    *n += 1;
+                }
+            }
+            Event::RunCancelled { .. } => break,
+            Event::RunFinished { .. } | Event::RunFailed { .. } => {
+                panic!("run ended without cancel: {event:?}")
+            }
+            _ => {}
+        }
+    }
+    assert!(steps_after_cancel.expect("cancel was sent") <= 1);
+}
+
+#[test]
+fn queued_runs_execute_in_order_and_a_queued_run_can_be_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let graph = default_workflow().graph;
+    let a = executor.run(graph.clone(), env(&dir));
+    let b = executor.run(graph.clone(), env(&dir));
+    let c = executor.run(graph, env(&dir));
+    executor.cancel(b);
+    let mut ends = Vec::new();
+    while ends.len() < 3 {
+        let event = executor
+            .events()
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap();
+        if event.is_terminal() {
+            ends.push((event.run(), matches!(event, Event::RunFinished { .. })));
+        }
+    }
+    assert_eq!(ends, [(b, false), (a, true), (c, true)]);
+}
+
+#[test]
+fn a_failing_node_fails_its_run_but_not_the_executor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut workflow = default_workflow();
+    workflow
+        .apply_assignment("prompt.text=a shiny red")
+        .unwrap();
+    let run = executor.run(workflow.graph, env(&dir));
+    let events = events_of(&executor, run);
+    match events.last() {
+        Some(Event::RunFailed {
+            failure:
+                RunFailure::Node {
+                    node,
+                    message,
+                    bad_input,
+                },
+            ..
+        }) => {
+            assert_eq!(node, "prompt");
+            assert!(*bad_input);
+            assert!(message.contains("names no shape"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::NodeFailed { node, .. } if node == "prompt"))
+    );
+    let run = executor.run(default_workflow().graph, env(&dir));
+    assert!(matches!(
+        events_of(&executor, run).last(),
+        Some(Event::RunFinished { .. })
+    ));
+}
+
+#[test]
+fn an_invalid_graph_fails_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut workflow = default_workflow();
+    workflow
+        .graph
+        .node_mut("sampler")
+        .unwrap()
+        .params
+        .insert("steps".into(), ParamValue::Int(0));
+    let run = executor.run(workflow.graph, env(&dir));
+    let events = events_of(&executor, run);
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::NodeStarted { .. }))
+    );
+    let Some(Event::RunFailed {
+        failure: RunFailure::Invalid(errors),
+        ..
+    }) = events.last()
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(errors.len(), 1);
+    assert_eq!(
+        errors[0].to_string(),
+        "node \"sampler\", parameter steps: 0 is out of range [1, 1000]"
+    );
+}
+
+#[test]
+fn unknown_prompt_words_reach_the_event_stream_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut workflow = default_workflow();
+    workflow
+        .apply_assignment("prompt.text=a shiny red star, please")
+        .unwrap();
+    let run = executor.run(workflow.graph, env(&dir));
+    let events = events_of(&executor, run);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    let warnings: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Warning { node, message, .. } if node == "prompt" => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings, ["unknown words ignored: shiny, please"]);
+}
