@@ -48,6 +48,8 @@ pub struct StepUpdate {
     pub clean_preview: image::RgbImage,
     /// The model's latent→RGB map, for previews drawn on the GPU from the latents.
     pub preview: LatentPreview,
+    /// When the executor sent it, to measure how fast a consumer shows it.
+    pub sent_at: Instant,
 }
 
 /// Why a run failed.
@@ -454,6 +456,7 @@ impl Worker {
                             canvas_preview,
                             clean_preview,
                             preview,
+                            sent_at: Instant::now(),
                         });
                         self.send(Event::Step { run, node, step });
                     }

@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::{clean_estimate, dot, l2_norm, velocity_from_clean};
+use super::{clean_estimate, dot, l2_norm, sum, velocity_from_clean};
 
 /// How conditional and unconditional predictions are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

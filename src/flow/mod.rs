@@ -32,18 +32,29 @@ pub fn velocity_from_clean(x: &Tensor, clean: &Tensor, sigma: f64) -> Result<Ten
     (x - clean)?.affine(1.0 / sigma, 0.0)
 }
 
-/// Euclidean norm of all elements, computed in f64.
-pub fn l2_norm(t: &Tensor) -> Result<f64> {
-    t.to_dtype(DType::F64)?
-        .sqr()?
-        .sum_all()?
-        .to_scalar::<f64>()
-        .map(f64::sqrt)
+/// `t` in a precision fit for summing over a whole latent: f32 and f64 as they are, half
+/// precision widened to f32.
+pub fn widened(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::F32 | DType::F64 => Ok(t.clone()),
+        _ => t.to_dtype(DType::F32),
+    }
 }
 
-/// Inner product of all elements, computed in f64.
-pub fn dot(a: &Tensor, b: &Tensor) -> Result<f64> {
-    (a.to_dtype(DType::F64)? * b.to_dtype(DType::F64)?)?
+/// The sum of all elements as an f64.
+pub fn sum(t: &Tensor) -> Result<f64> {
+    widened(t)?
         .sum_all()?
+        .to_dtype(DType::F64)?
         .to_scalar::<f64>()
+}
+
+/// Euclidean norm of all elements.
+pub fn l2_norm(t: &Tensor) -> Result<f64> {
+    sum(&widened(t)?.sqr()?).map(f64::sqrt)
+}
+
+/// Inner product of all elements.
+pub fn dot(a: &Tensor, b: &Tensor) -> Result<f64> {
+    sum(&(widened(a)? * widened(b)?)?)
 }

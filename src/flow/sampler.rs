@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
-use super::{clean_estimate, l2_norm};
+use super::{clean_estimate, l2_norm, sum, widened};
 
 /// A latent whose root-mean-square exceeds this is taken to have exploded. Flow latents live
 /// near unit scale (noise has RMS 1), so healthy runs stay orders of magnitude below it.
@@ -194,8 +194,7 @@ fn check_finite(
     steps: usize,
     sigma: f64,
 ) -> Result<(), SampleError> {
-    let total = t.to_dtype(candle_core::DType::F64)?.abs()?.sum_all()?;
-    if total.to_scalar::<f64>()?.is_finite() {
+    if sum(&widened(t)?.abs()?)?.is_finite() {
         return Ok(());
     }
     Err(SampleError::Diverged {
