@@ -284,3 +284,106 @@ fn unknown_prompt_words_reach_the_event_stream_by_name() {
         .collect();
     assert_eq!(warnings, ["unknown words ignored: shiny, please"]);
 }
+
+#[test]
+fn a_source_image_start_walks_the_schedule_from_its_strength() {
+    use flowline::analyse::analyse;
+    use flowline::graph::{Endpoint, Graph, Link, Node};
+
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source.png");
+    // A rough orange blob in the bottom right on a white background.
+    let mut picture = image::RgbImage::from_pixel(64, 64, image::Rgb([245, 245, 245]));
+    for (x, y, pixel) in picture.enumerate_pixels_mut() {
+        let (dx, dy) = (x as f32 - 48.0, y as f32 - 47.0);
+        if dx * dx / 1.3 + dy * dy < 80.0 {
+            *pixel = image::Rgb([235, 150, 50]);
+        }
+    }
+    picture.save(&source).unwrap();
+
+    let node = |id: &str, type_name: &str, params: &[(&str, ParamValue)]| Node {
+        id: id.into(),
+        type_name: type_name.into(),
+        position: [0.0, 0.0],
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    };
+    let link = |from: &str, from_port: &str, to: &str, to_port: &str| Link {
+        from: Endpoint {
+            node: from.into(),
+            port: from_port.into(),
+        },
+        to: Endpoint {
+            node: to.into(),
+            port: to_port.into(),
+        },
+    };
+    let text = |s: &str| ParamValue::Text(s.into());
+    let graph = Graph {
+        nodes: vec![
+            node("model", "load_model", &[("family", text("exemplar"))]),
+            node(
+                "image",
+                "load_image",
+                &[("path", text(source.to_str().unwrap()))],
+            ),
+            node(
+                "prompt",
+                "encode_prompt",
+                &[("text", text("an orange circle"))],
+            ),
+            node(
+                "start",
+                "source_image_start",
+                &[("strength", ParamValue::Float(0.7))],
+            ),
+            node("cfg", "cfg", &[("scale", ParamValue::Float(1.0))]),
+            node("sampler", "sampler", &[("steps", ParamValue::Int(8))]),
+            node("decode", "decode", &[]),
+            node("show", "preview_image", &[]),
+        ],
+        links: vec![
+            link("model", "model", "prompt", "model"),
+            link("model", "model", "start", "model"),
+            link("image", "image", "start", "image"),
+            link("model", "model", "cfg", "model"),
+            link("prompt", "conditioning", "cfg", "positive"),
+            link("cfg", "guider", "sampler", "guider"),
+            link("start", "latent", "sampler", "latent"),
+            link("model", "model", "decode", "model"),
+            link("sampler", "latent", "decode", "latent"),
+            link("decode", "image", "show", "image"),
+        ],
+    };
+    let mut executor = Executor::spawn();
+    let run = executor.run(graph, env(&dir));
+    let events = events_of(&executor, run);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    let sigmas = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Trajectory { sigmas, .. } => Some(sigmas.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!((sigmas.len(), sigmas[0], sigmas[8]), (9, 0.7, 0.0));
+    let image = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Image {
+                image, path: None, ..
+            } => Some(image.clone()),
+            _ => None,
+        })
+        .unwrap();
+    // The exemplar model can only land on one of its exemplars for the prompt, so only what
+    // the prompt states is certain; a trained model also keeps place and background.
+    let found = analyse(&image).unwrap();
+    assert_eq!((found.color.name(), found.shape.name()), ("orange", "circle"));
+}

@@ -63,3 +63,113 @@ impl Value {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::LatentPreview;
+
+    /// Predicts v = x·k, where k is the conditioning's single value; counts its calls.
+    struct CountingModel {
+        calls: AtomicUsize,
+        preview: LatentPreview,
+    }
+
+    impl FlowModel for CountingModel {
+        fn describe(&self) -> String {
+            "counting".into()
+        }
+        fn device(&self) -> &Device {
+            &Device::Cpu
+        }
+        fn latent_shape(&self, _: usize, _: usize) -> anyhow::Result<Vec<usize>> {
+            Ok(vec![1, 1, 1, 2])
+        }
+        fn image_tokens(&self, _: &[usize]) -> usize {
+            2
+        }
+        fn encode_prompt(&self, _: &str) -> anyhow::Result<Conditioning> {
+            unreachable!("the test builds conditionings itself")
+        }
+        fn velocity(&self, x: &Tensor, _: f64, cond: &Conditioning) -> anyhow::Result<Tensor> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(x.broadcast_mul(&cond.context)?)
+        }
+        fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor> {
+            Ok(latent.clone())
+        }
+        fn encode_image(&self, image: &Tensor) -> anyhow::Result<Tensor> {
+            Ok(image.clone())
+        }
+        fn preview(&self) -> &LatentPreview {
+            &self.preview
+        }
+    }
+
+    fn conditioning(k: f32) -> Arc<Conditioning> {
+        Arc::new(Conditioning {
+            context: Tensor::new(&[k], &Device::Cpu).unwrap(),
+            pooled: None,
+            prompt: String::new(),
+            warnings: vec![],
+        })
+    }
+
+    fn guider(scale: f64, interval: (f64, f64)) -> (Guider, Arc<CountingModel>) {
+        let model = Arc::new(CountingModel {
+            calls: AtomicUsize::new(0),
+            preview: LatentPreview {
+                matrix: [vec![1.0], vec![1.0], vec![1.0]],
+                bias: [0.0; 3],
+            },
+        });
+        let guider = Guider {
+            model: model.clone(),
+            positive: conditioning(2.0),
+            negative: Some(conditioning(1.0)),
+            guidance: Guidance {
+                scale,
+                interval,
+                ..Guidance::default()
+            },
+        };
+        (guider, model)
+    }
+
+    #[test]
+    fn scale_one_runs_the_model_once_per_evaluation() {
+        let x = Tensor::new(&[[[[1f32, 3.0]]]], &Device::Cpu).unwrap();
+        let (unguided, model) = guider(1.0, (0.0, 1.0));
+        let v = unguided.velocity(&x, 0.5).unwrap();
+        assert_eq!(model.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [2.0, 6.0]
+        );
+
+        let (guided, model) = guider(3.0, (0.0, 1.0));
+        let v = guided.velocity(&x, 0.5).unwrap();
+        assert_eq!(model.calls.load(Ordering::SeqCst), 2);
+        // v_u + 3·(v_c − v_u) with v_c = 2x and v_u = x gives 4x.
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [4.0, 12.0]
+        );
+    }
+
+    #[test]
+    fn outside_the_interval_only_the_positive_prompt_runs() {
+        let x = Tensor::new(&[[[[1f32, 3.0]]]], &Device::Cpu).unwrap();
+        let (guided, model) = guider(3.0, (0.2, 0.6));
+        let v = guided.velocity(&x, 0.9).unwrap();
+        assert_eq!(model.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [2.0, 6.0]
+        );
+    }
+}
