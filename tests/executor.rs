@@ -385,5 +385,8 @@ fn a_source_image_start_walks_the_schedule_from_its_strength() {
     // The exemplar model can only land on one of its exemplars for the prompt, so only what
     // the prompt states is certain; a trained model also keeps place and background.
     let found = analyse(&image).unwrap();
-    assert_eq!((found.color.name(), found.shape.name()), ("orange", "circle"));
+    assert_eq!(
+        (found.color.name(), found.shape.name()),
+        ("orange", "circle")
+    );
 }

@@ -141,11 +141,7 @@ fn cfg(cond: &Tensor, uncond: &Tensor, scale: f64) -> Result<Tensor> {
 
 fn std_dev(t: &Tensor) -> Result<f64> {
     let n = t.elem_count() as f64;
-    let mean = t
-        .to_dtype(candle_core::DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?
-        / n;
+    let mean = sum(t)? / n;
     Ok((dot(t, t)? / n - mean * mean).max(0.0).sqrt())
 }
 
