@@ -3,7 +3,7 @@
 //! good one was.
 
 use std::fs;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -14,13 +14,44 @@ pub const PNG_WORKFLOW_KEY: &str = "flowline-workflow";
 
 /// Replaces `path` with `bytes` atomically (temporary file + rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut file = temp_beside(path)?;
-    file.write_all(bytes)
-        .and_then(|_| file.as_file().sync_all())
+    write_atomic_with(path, |temporary| Ok(fs::write(temporary, bytes)?))
+}
+
+/// Replaces `path` atomically with what `write` puts in the temporary file it is given, for
+/// writers that want a path (such as safetensors). The file keeps the permissions of the file
+/// it replaces, or gets the usual `rw-r--r--`.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let file = temp_beside(path)?;
+    write(file.path()).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::File::open(file.path())
+        .and_then(|f| f.sync_all())
         .with_context(|| format!("cannot write {}", path.display()))?;
+    let permissions = match fs::metadata(path) {
+        Ok(existing) => existing.permissions(),
+        Err(_) => usual_permissions(file.as_file())?,
+    };
+    fs::set_permissions(file.path(), permissions)?;
     file.persist(path)
         .with_context(|| format!("cannot replace {}", path.display()))?;
     Ok(())
+}
+
+/// Read-write for the owner and readable by others, as files a program creates usually are
+/// (temporary files start private).
+fn usual_permissions(file: &fs::File) -> std::io::Result<fs::Permissions> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = file;
+        Ok(fs::Permissions::from_mode(0o644))
+    }
+    #[cfg(not(unix))]
+    {
+        file.metadata().map(|m| m.permissions())
+    }
 }
 
 /// Saves `image` as `PREFIX_NNNNN.png` with the first number not yet taken, never replacing an
@@ -47,6 +78,8 @@ pub fn save_png_numbered(
         writer.finish()?;
     }
     file.as_file().sync_all()?;
+    file.as_file()
+        .set_permissions(usual_permissions(file.as_file())?)?;
     let stem = prefix
         .file_name()
         .map(|s| s.to_string_lossy().into_owned())
@@ -107,5 +140,15 @@ mod tests {
         write_atomic(&path, b"one").unwrap();
         write_atomic(&path, b"two").unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644, "a new file is readable by others, not private");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+            write_atomic(&path, b"three").unwrap();
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "a replaced file keeps its permissions");
+        }
     }
 }

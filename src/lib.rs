@@ -4,6 +4,7 @@
 
 pub mod analyse;
 pub mod dataset;
+pub mod eval;
 pub mod executor;
 pub mod files;
 pub mod flow;

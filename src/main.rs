@@ -27,6 +27,10 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Writes a labelled sample grid of the procedural shapes data set.
     Dataset(cli::dataset::DatasetArgs),
+    /// Measures prompt adherence on held-out prompts.
+    Eval(cli::eval::EvalArgs),
+    /// Trains the embedded shapes model.
+    Train(cli::train::TrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,8 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => cli::run::run(args),
         Some(Command::Bench(args)) => cli::bench::bench(args),
         Some(Command::Dataset(args)) => cli::dataset::dataset(args),
+        Some(Command::Train(args)) => cli::train::train(args),
+        Some(Command::Eval(args)) => cli::eval::eval(args),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_long_help();

@@ -390,3 +390,22 @@ fn a_source_image_start_walks_the_schedule_from_its_strength() {
         ("orange", "circle")
     );
 }
+
+#[test]
+fn an_empty_positive_prompt_is_pointed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut workflow = default_workflow();
+    workflow.apply_assignment("prompt.text=").unwrap();
+    let run = executor.run(workflow.graph, env(&dir));
+    let events = events_of(&executor, run);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| matches!(
+        e,
+        Event::Warning { node, message, .. }
+            if node == "cfg" && message.contains("positive prompt is empty")
+    )));
+}

@@ -2,7 +2,9 @@
 
 pub mod bench;
 pub mod dataset;
+pub mod eval;
 pub mod run;
+pub mod train;
 
 use std::process::ExitCode;
 

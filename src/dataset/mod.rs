@@ -54,6 +54,22 @@ pub fn sample(seed: u64, index: u64) -> Sample {
     }
 }
 
+/// One caption text in this many is held out: never trained on, kept for evaluation.
+pub const HELD_OUT_ONE_IN: u64 = 20;
+
+/// Whether `caption` belongs to the held-out prompts. The split is by the exact caption text
+/// (FNV-1a hash), so "a red star on the left" can be held out while "a red star" is trained on:
+/// evaluation asks for combinations the model never saw written down.
+pub fn is_held_out(caption: &Caption) -> bool {
+    let hash = caption
+        .text()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    hash % HELD_OUT_ONE_IN == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +99,18 @@ mod tests {
             assert_eq!(drawn.scene.shape, drawn.caption.shape);
             assert_eq!(drawn.image, drawn.scene.render());
         }
+    }
+
+    #[test]
+    fn about_one_caption_in_twenty_is_held_out_and_the_split_is_stable() {
+        let held: Vec<bool> = (0..4000)
+            .map(|i| is_held_out(&sample(3, i).caption))
+            .collect();
+        let share = held.iter().filter(|h| **h).count() as f64 / held.len() as f64;
+        assert!((0.035..0.065).contains(&share), "held-out share {share}");
+        let again: Vec<bool> = (0..4000)
+            .map(|i| is_held_out(&sample(3, i).caption))
+            .collect();
+        assert_eq!(held, again);
     }
 }

@@ -5,6 +5,7 @@
 //! Families are found by name in [`FAMILIES`]; each derives its configuration from its files.
 
 pub mod exemplar;
+pub mod shapes;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -79,6 +80,16 @@ pub trait FlowModel: Send + Sync {
     fn encode_image(&self, image: &Tensor) -> anyhow::Result<Tensor>;
 
     fn preview(&self) -> &LatentPreview;
+
+    /// One conditioning for a batch of prompts, in order, for models that can generate a batch
+    /// of different prompts at once.
+    fn batch_conditioning(&self, list: &[Conditioning]) -> anyhow::Result<Conditioning> {
+        let _ = list;
+        anyhow::bail!(
+            "{} cannot take a batch of different prompts",
+            self.describe()
+        )
+    }
 }
 
 /// A model family: how to load it from a path.
@@ -91,10 +102,10 @@ pub struct Family {
 }
 
 /// Every model family, by name.
-pub const FAMILIES: &[Family] = &[exemplar::FAMILY];
+pub const FAMILIES: &[Family] = &[shapes::FAMILY, exemplar::FAMILY];
 
 /// The names of [`FAMILIES`], for the Load Model node's choice.
-pub const FAMILY_NAMES: &[&str] = &[exemplar::FAMILY.name];
+pub const FAMILY_NAMES: &[&str] = &[shapes::FAMILY.name, exemplar::FAMILY.name];
 
 pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)

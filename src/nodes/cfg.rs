@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::{InputError, NodeContext, NodeDef, NodeSpec, ParamSpec, PortSpec};
+use super::{InputError, NodeContext, NodeDef, NodeEvent, NodeSpec, ParamSpec, PortSpec};
 use crate::flow::guidance::{Guidance, GuidanceMethod};
 use crate::graph::PortType;
 use crate::graph::value::{Guider, Value};
@@ -77,6 +77,11 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
     let positive = ctx
         .conditioning("positive")?
         .expect("validated required input");
+    if positive.prompt.trim().is_empty() {
+        let _ = ctx.emit(NodeEvent::Warning(
+            "the positive prompt is empty, so the model draws anything it likes".into(),
+        ));
+    }
     let negative = ctx.conditioning("negative")?;
     if negative.is_none() && guidance.scale != 1.0 {
         return Err(InputError(format!(

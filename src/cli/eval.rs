@@ -1,0 +1,135 @@
+//! `flowline eval`: measures prompt adherence on held-out prompts and prints a table.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use candle_core::Device;
+use clap::Args;
+use flowline::eval::{EvalSettings, Row, evaluate, held_out_cases};
+use flowline::files::write_atomic;
+use flowline::flow::guidance::{Guidance, GuidanceMethod};
+use flowline::flow::sampler::SamplerKind;
+use flowline::flow::schedule::Scheduler;
+use flowline::model::family;
+
+use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model family to evaluate.
+    #[arg(long, default_value = "shapes")]
+    family: String,
+    /// Model folder (empty: the family's built-in weights).
+    #[arg(long, default_value = "")]
+    model: PathBuf,
+    /// Number of held-out prompts.
+    #[arg(long, default_value_t = 200)]
+    prompts: usize,
+    /// Samplers to compare.
+    #[arg(long, value_delimiter = ',', default_value = "euler,heun")]
+    samplers: Vec<String>,
+    /// Step counts to compare.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
+    steps: Vec<usize>,
+    /// CFG scale (1 = no guidance).
+    #[arg(long, default_value_t = 3.0)]
+    cfg: f64,
+    /// Shift of the shifted scheduler.
+    #[arg(long, default_value_t = 3.0)]
+    shift: f64,
+    /// Images generated at once.
+    #[arg(long, default_value_t = 25)]
+    batch: usize,
+    /// Writes the table as JSON.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+pub fn eval(args: EvalArgs) -> ExitCode {
+    let Some(family) = family(&args.family) else {
+        return fail(
+            EXIT_BAD_INPUT,
+            format!("unknown model family {:?}", args.family),
+        );
+    };
+    let mut samplers = Vec::new();
+    for name in &args.samplers {
+        match SamplerKind::from_name(name) {
+            Some(kind) => samplers.push(kind),
+            None => return fail(EXIT_BAD_INPUT, format!("unknown sampler {name:?}")),
+        }
+    }
+    let model = match (family.load)(Path::new(&args.model), &Device::Cpu) {
+        Ok(m) => m,
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
+    };
+    let settings = EvalSettings {
+        samplers,
+        steps: args.steps.clone(),
+        scheduler: Scheduler::Shifted { shift: args.shift },
+        guidance: Guidance {
+            scale: args.cfg,
+            method: GuidanceMethod::Cfg,
+            ..Guidance::default()
+        },
+        batch: args.batch,
+    };
+    let cases = held_out_cases(args.prompts);
+    println!(
+        "{} on {} held-out prompts, CFG {}, shifted scheduler (shift {})",
+        model.describe(),
+        cases.len(),
+        args.cfg,
+        args.shift
+    );
+    println!(
+        "{:<9} {:>5} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>12} {:>8}",
+        "sampler",
+        "steps",
+        "adherence",
+        "bg",
+        "color",
+        "shape",
+        "pos",
+        "size",
+        "straightness",
+        "seconds"
+    );
+    let print = |row: &Row| {
+        let share = |i: usize| {
+            let a = &row.attributes[i];
+            100.0 * a.correct as f64 / a.stated.max(1) as f64
+        };
+        println!(
+            "{:<9} {:>5} {:>9.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>12.4} {:>8.1}",
+            row.sampler,
+            row.steps,
+            100.0 * row.adherence,
+            share(0),
+            share(1),
+            share(2),
+            share(3),
+            share(4),
+            row.mean_straightness,
+            row.seconds
+        );
+    };
+    let rows = match evaluate(model.as_ref(), &cases, &settings, &mut |row| print(row)) {
+        Ok(rows) => rows,
+        Err(e) => return fail(EXIT_FAILURE, format!("{e:#}")),
+    };
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "model": model.describe(),
+            "prompts": cases.len(),
+            "cfg": args.cfg,
+            "shift": args.shift,
+            "rows": rows,
+        });
+        let text = serde_json::to_string_pretty(&report).expect("a report serialises");
+        if let Err(e) = write_atomic(path, text.as_bytes()) {
+            return fail(EXIT_FAILURE, format!("{e:#}"));
+        }
+    }
+    ExitCode::SUCCESS
+}

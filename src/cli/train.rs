@@ -1,0 +1,117 @@
+//! `flowline train`: trains the shapes model on the CPU with a progress bar, checkpointing as
+//! it goes so a run can stop at any time and resume.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use flowline::model::shapes::train::{TrainSettings, Trainer};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Preset {
+    /// The shipped model's configuration.
+    Default,
+    /// A very small network that trains in seconds (tests, CI).
+    Tiny,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Folder for checkpoints and the trained model (config.json, model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "default")]
+    preset: Preset,
+    /// Stop once this many steps are done in total.
+    #[arg(long, default_value_t = 20_000)]
+    steps: usize,
+    /// Stop after this many minutes of this session, whatever the step.
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Continue the run checkpointed in --out.
+    #[arg(long)]
+    resume: bool,
+    /// Checkpoint this often (minutes).
+    #[arg(long, default_value_t = 5.0)]
+    save_every: f64,
+}
+
+/// Steps per entry of the recorded loss history.
+const LOSS_BLOCK: usize = 100;
+
+pub fn train(args: TrainArgs) -> ExitCode {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let device = candle_core::Device::Cpu;
+    let trainer = if args.resume {
+        Trainer::resume(&args.out, &device)
+    } else {
+        let settings = match args.preset {
+            Preset::Default => TrainSettings::default_model(),
+            Preset::Tiny => TrainSettings::tiny(),
+        };
+        Trainer::new(settings, &device)
+    };
+    let mut trainer = match trainer {
+        Ok(t) => t,
+        Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
+    };
+    match run(&mut trainer, &args, &command) {
+        Ok(()) => {
+            println!(
+                "trained {} steps in {:.0} s; model written to {}",
+                trainer.step_count(),
+                trainer.seconds(),
+                args.out.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_FAILURE, format!("{e:#}")),
+    }
+}
+
+fn run(trainer: &mut Trainer, args: &TrainArgs, command: &str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let deadline = args
+        .minutes
+        .map(|m| started + Duration::from_secs_f64(m * 60.0));
+    let save_every = Duration::from_secs_f64(args.save_every * 60.0);
+    let mut last_save = Instant::now();
+    let progress = ProgressBar::new(args.steps as u64).with_style(
+        ProgressStyle::with_template("[{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    progress.set_position(trainer.step_count() as u64);
+    let (mut block_sum, mut block_count, mut smoothed) = (0.0f32, 0usize, None::<f32>);
+    let mut session_steps = 0;
+    while trainer.step_count() < args.steps && deadline.is_none_or(|d| Instant::now() < d) {
+        let loss = trainer.train_step(session_steps)?;
+        anyhow::ensure!(
+            loss.is_finite(),
+            "the loss diverged at step {}",
+            trainer.step_count()
+        );
+        session_steps += 1;
+        block_sum += loss;
+        block_count += 1;
+        let s = smoothed.map_or(loss, |s| 0.98 * s + 0.02 * loss);
+        smoothed = Some(s);
+        if trainer.step_count().is_multiple_of(LOSS_BLOCK) {
+            trainer.record_loss(block_sum / block_count as f32);
+            (block_sum, block_count) = (0.0, 0);
+        }
+        let rate = session_steps as f64 / started.elapsed().as_secs_f64();
+        progress.set_position(trainer.step_count() as u64);
+        progress.set_message(format!("loss {s:.4}, {rate:.2} steps/s"));
+        if last_save.elapsed() >= save_every {
+            trainer.save(&args.out, command)?;
+            last_save = Instant::now();
+        }
+    }
+    progress.finish_and_clear();
+    trainer.save(&args.out, command)
+}

@@ -1,0 +1,195 @@
+//! Evaluation: how well a model follows its prompts, judged by the deterministic analyser.
+//!
+//! Prompts are the held-out captions of the shapes data set (see
+//! [`crate::dataset::is_held_out`]), each with its own noise seed, so nothing evaluated was
+//! trained on. Every image is generated through the same guider and sampler as a graph run,
+//! then analysed and judged attribute by attribute. A case is adherent when no attribute its
+//! prompt states is wrong.
+
+use std::ops::ControlFlow;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::analyse::{Verdict, analyse, judge};
+use crate::dataset::{Attribute, Caption, is_held_out, sample};
+use crate::flow::guidance::Guidance;
+use crate::flow::noise::gaussian;
+use crate::flow::sampler::{SamplerKind, sample as run_sampler};
+use crate::flow::schedule::Scheduler;
+use crate::model::{Conditioning, FlowModel, image_from_tensor};
+
+/// The data-set seed evaluation prompts are drawn from (training uses others).
+pub const EVAL_PROMPT_SEED: u64 = 9_001;
+
+/// One prompt and the seed of its start noise.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Case {
+    pub caption: Caption,
+    pub seed: u64,
+}
+
+/// The first `count` held-out prompts, each with its own seed.
+pub fn held_out_cases(count: usize) -> Vec<Case> {
+    (0u64..)
+        .map(|index| (index, sample(EVAL_PROMPT_SEED, index).caption))
+        .filter(|(_, caption)| is_held_out(caption))
+        .take(count)
+        .map(|(index, caption)| Case {
+            caption,
+            seed: 1_000_000 + index,
+        })
+        .collect()
+}
+
+/// How the images are generated.
+#[derive(Debug, Clone)]
+pub struct EvalSettings {
+    pub samplers: Vec<SamplerKind>,
+    pub steps: Vec<usize>,
+    pub scheduler: Scheduler,
+    pub guidance: Guidance,
+    /// Images generated together (models that take batched prompts only).
+    pub batch: usize,
+}
+
+/// Correct verdicts among the cases that state an attribute.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttributeScore {
+    pub attribute: String,
+    pub correct: usize,
+    pub stated: usize,
+}
+
+/// The results for one sampler at one step count.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub sampler: String,
+    pub steps: usize,
+    pub images: usize,
+    /// Share of images with every stated attribute right.
+    pub adherence: f64,
+    pub attributes: Vec<AttributeScore>,
+    pub mean_straightness: f64,
+    pub seconds: f64,
+}
+
+/// Generates and judges every case for every sampler and step count.
+pub fn evaluate(
+    model: &dyn FlowModel,
+    cases: &[Case],
+    settings: &EvalSettings,
+    on_row: &mut dyn FnMut(&Row),
+) -> anyhow::Result<Vec<Row>> {
+    let negative = model.encode_prompt("")?;
+    let positives: Vec<Conditioning> = cases
+        .iter()
+        .map(|case| model.encode_prompt(&case.caption.text()))
+        .collect::<anyhow::Result<_>>()?;
+    let shape = model.latent_shape(64, 64)?;
+    let starts: Vec<Tensor> = cases
+        .iter()
+        .map(|case| gaussian(case.seed, &shape[..], model.device()))
+        .collect::<candle_core::Result<_>>()?;
+    let mut rows = Vec::new();
+    for &sampler in &settings.samplers {
+        for &steps in &settings.steps {
+            let started = std::time::Instant::now();
+            let mut images = Vec::with_capacity(cases.len());
+            let mut straightness = 0.0;
+            for chunk in (0..cases.len())
+                .collect::<Vec<_>>()
+                .chunks(settings.batch.max(1))
+            {
+                let (positive, start) = if chunk.len() == 1 {
+                    (positives[chunk[0]].clone(), starts[chunk[0]].clone())
+                } else {
+                    let list: Vec<Conditioning> =
+                        chunk.iter().map(|&i| positives[i].clone()).collect();
+                    let start: Vec<&Tensor> = chunk.iter().map(|&i| &starts[i]).collect();
+                    (model.batch_conditioning(&list)?, Tensor::cat(&start, 0)?)
+                };
+                let mut field = |x: &Tensor, sigma: f64| -> anyhow::Result<Tensor> {
+                    let cond = model.velocity(x, sigma, &positive)?;
+                    if !settings.guidance.needs_unconditional(sigma) {
+                        return Ok(cond);
+                    }
+                    let uncond = model.velocity(x, sigma, &negative)?;
+                    Ok(settings.guidance.combine(x, sigma, &cond, &uncond)?)
+                };
+                let sigmas = settings.scheduler.sigmas(steps, 1.0);
+                let output = run_sampler(sampler, &mut field, &start, &sigmas, &mut |_| {
+                    ControlFlow::Continue(())
+                })?;
+                straightness += output.straightness * chunk.len() as f64;
+                for i in 0..chunk.len() {
+                    let decoded = model.decode(&output.latent.narrow(0, i, 1)?)?;
+                    images.push(image_from_tensor(&decoded)?);
+                }
+            }
+            let row = score(
+                sampler,
+                steps,
+                cases,
+                &images,
+                straightness,
+                started.elapsed().as_secs_f64(),
+            );
+            on_row(&row);
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+fn score(
+    sampler: SamplerKind,
+    steps: usize,
+    cases: &[Case],
+    images: &[image::RgbImage],
+    straightness: f64,
+    seconds: f64,
+) -> Row {
+    let mut adherent = 0;
+    let mut tallies = Attribute::ALL.map(|attribute| AttributeScore {
+        attribute: attribute.name().to_string(),
+        correct: 0,
+        stated: 0,
+    });
+    for (case, image) in cases.iter().zip(images) {
+        // An image with no object found gets every attribute its prompt states wrong.
+        let verdicts = analyse(image)
+            .ok()
+            .map(|found| judge(&case.caption, &found).verdicts());
+        let stated = stated_attributes(&case.caption);
+        adherent += usize::from(
+            verdicts.is_some_and(|v| v.iter().all(|(_, verdict)| *verdict != Verdict::Wrong)),
+        );
+        for (index, tally) in tallies.iter_mut().enumerate() {
+            if stated[index] {
+                tally.stated += 1;
+                let right = verdicts.is_some_and(|v| v[index].1 == Verdict::Correct);
+                tally.correct += usize::from(right);
+            }
+        }
+    }
+    Row {
+        sampler: sampler.name().to_string(),
+        steps,
+        images: images.len(),
+        adherence: adherent as f64 / images.len().max(1) as f64,
+        attributes: tallies.to_vec(),
+        mean_straightness: straightness / images.len().max(1) as f64,
+        seconds,
+    }
+}
+
+/// Which attributes `caption` states, in [`Attribute::ALL`] order.
+fn stated_attributes(caption: &Caption) -> [bool; 5] {
+    Attribute::ALL.map(|attribute| match attribute {
+        Attribute::Background => caption.background.is_some(),
+        Attribute::Color | Attribute::Shape => true,
+        Attribute::Position => caption.position.is_some(),
+        Attribute::Size => caption.size.is_some(),
+    })
+}

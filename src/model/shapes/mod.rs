@@ -1,0 +1,275 @@
+//! The embedded default model, trained by Flowline itself on the procedural shapes data set.
+//!
+//! A folder holds `config.json` (network sizes, vocabulary, autoencoder normalisation, the
+//! latent→RGB preview and a record of the training that made the weights) and
+//! `model.safetensors` (all tensors: `text.*`, `velocity.*`, `autoencoder.*`). It is loaded
+//! through the same Load Model path as every other family.
+
+pub mod autoencoder;
+pub mod network;
+pub mod tokenizer;
+pub mod train;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::{Deserialize, Serialize};
+
+use self::autoencoder::PatchAutoencoder;
+use self::network::{NetworkConfig, Networks};
+use self::tokenizer::Tokenizer;
+use super::{Conditioning, Family, FlowModel, LatentPreview};
+use crate::nodes::InputError;
+
+pub const FAMILY: Family = Family {
+    name: "shapes",
+    description: "Flowline's own small text-to-image model of coloured shapes (64×64)",
+    needs_path: false,
+    load,
+};
+
+/// Where the shipped weights live, relative to the crate.
+pub const SHIPPED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/models/shapes");
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The `format` value of every config.
+pub const FORMAT: &str = "flowline-shapes";
+/// Image side in pixels.
+pub const IMAGE_SIZE: usize = 64;
+
+/// Everything in `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShapesConfig {
+    pub format: String,
+    pub network: NetworkConfig,
+    pub vocabulary: Vec<String>,
+    pub autoencoder: AutoencoderConfig,
+    pub preview: PreviewConfig,
+    /// How the weights were made, so anyone can reproduce them.
+    pub training: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoencoderConfig {
+    pub scale: f64,
+    pub shift: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviewConfig {
+    pub matrix: [Vec<f32>; 3],
+    pub bias: [f32; 3],
+}
+
+fn load(path: &Path, device: &Device) -> anyhow::Result<Arc<dyn FlowModel>> {
+    let folder = if path.as_os_str().is_empty() {
+        PathBuf::from(SHIPPED_DIR)
+    } else {
+        path.to_path_buf()
+    };
+    Ok(Arc::new(ShapesModel::load(&folder, device)?))
+}
+
+/// The loaded model.
+pub struct ShapesModel {
+    config: ShapesConfig,
+    tokenizer: Tokenizer,
+    networks: Networks,
+    autoencoder: PatchAutoencoder,
+    preview: LatentPreview,
+    device: Device,
+}
+
+/// Reads `config.json` from `folder`.
+pub fn read_config(folder: &Path) -> anyhow::Result<ShapesConfig> {
+    let path = folder.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| InputError(format!("cannot read model config {}: {e}", path.display())))?;
+    let config: ShapesConfig = serde_json::from_str(&text)
+        .map_err(|e| InputError(format!("model config {} is broken: {e}", path.display())))?;
+    if config.format != FORMAT {
+        return Err(InputError(format!(
+            "{} has format {:?}, not {FORMAT:?}: this is not a shapes model",
+            path.display(),
+            config.format
+        ))
+        .into());
+    }
+    Ok(config)
+}
+
+impl ShapesModel {
+    /// Loads `config.json` and `model.safetensors` from `folder`; errors name the file and, for
+    /// a missing or misshapen tensor, the tensor.
+    pub fn load(folder: &Path, device: &Device) -> anyhow::Result<Self> {
+        let config = read_config(folder)?;
+        let weights_path = folder.join(WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load(&weights_path, device).map_err(|e| {
+            InputError(format!(
+                "cannot read model weights {}: {e}",
+                weights_path.display()
+            ))
+        })?;
+        Self::from_tensors(config, tensors, device)
+            .map_err(|e| InputError(format!("{}: {e:#}", weights_path.display())).into())
+    }
+
+    /// Builds the model from its config and named tensors.
+    pub fn from_tensors(
+        config: ShapesConfig,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let tokenizer = Tokenizer::new(config.vocabulary.clone(), config.network.max_tokens)?;
+        anyhow::ensure!(
+            tokenizer.vocabulary().len() == config.network.vocabulary_size,
+            "the config lists {} words but the network expects {}",
+            tokenizer.vocabulary().len(),
+            config.network.vocabulary_size
+        );
+        let tensor = |name: &str| {
+            tensors
+                .get(name)
+                .cloned()
+                .with_context(|| format!("missing tensor {name}"))
+        };
+        let autoencoder = PatchAutoencoder {
+            mean: tensor("autoencoder.mean")?,
+            encoder: tensor("autoencoder.encoder")?,
+            scale: config.autoencoder.scale,
+            shift: config.autoencoder.shift,
+        };
+        let expected = [autoencoder::PATCH_VALUES, config.network.latent_channels];
+        anyhow::ensure!(
+            autoencoder.encoder.dims() == expected,
+            "tensor autoencoder.encoder has shape {:?}, expected {expected:?}",
+            autoencoder.encoder.dims()
+        );
+        let networks = Networks::new(
+            &config.network,
+            VarBuilder::from_tensors(tensors, DType::F32, device),
+        )?;
+        let preview = LatentPreview {
+            matrix: config.preview.matrix.clone(),
+            bias: config.preview.bias,
+        };
+        Ok(ShapesModel {
+            tokenizer,
+            networks,
+            autoencoder,
+            preview,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ShapesConfig {
+        &self.config
+    }
+}
+
+impl FlowModel for ShapesModel {
+    fn describe(&self) -> String {
+        let n = &self.config.network;
+        format!(
+            "shapes model (DiT {}×{} over {} tokens, {}-channel latents)",
+            n.depth,
+            n.hidden,
+            n.image_tokens(),
+            n.latent_channels
+        )
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn latent_shape(&self, width: usize, height: usize) -> anyhow::Result<Vec<usize>> {
+        if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) {
+            return Err(InputError(format!(
+                "the shapes model draws {IMAGE_SIZE}×{IMAGE_SIZE} pictures, not {width}×{height}"
+            ))
+            .into());
+        }
+        let n = &self.config.network;
+        Ok(vec![1, n.latent_channels, n.latent_size, n.latent_size])
+    }
+
+    fn image_tokens(&self, _shape: &[usize]) -> usize {
+        self.config.network.image_tokens()
+    }
+
+    fn encode_prompt(&self, text: &str) -> anyhow::Result<Conditioning> {
+        let tokens = self.tokenizer.encode(text);
+        let mut warnings = Vec::new();
+        if !tokens.unknown_words.is_empty() {
+            warnings.push(format!(
+                "unknown words ignored: {}",
+                tokens.unknown_words.join(", ")
+            ));
+        }
+        if tokens.truncated > 0 {
+            warnings.push(format!(
+                "the prompt is longer than {} words; the last {} were cut",
+                self.tokenizer.max_tokens() - 1,
+                tokens.truncated
+            ));
+        }
+        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(Conditioning {
+            context: self.networks.text.forward(&ids)?,
+            pooled: None,
+            prompt: text.to_string(),
+            warnings,
+        })
+    }
+
+    fn velocity(&self, x: &Tensor, sigma: f64, cond: &Conditioning) -> anyhow::Result<Tensor> {
+        let batch = x.dim(0)?;
+        let (_, tokens, width) = cond.context.dims3()?;
+        let context = cond
+            .context
+            .broadcast_as((batch, tokens, width))?
+            .contiguous()?;
+        let sigma = Tensor::full(sigma as f32, batch, &self.device)?;
+        Ok(self.networks.velocity.forward(x, &sigma, &context)?)
+    }
+
+    fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor> {
+        Ok(self
+            .autoencoder
+            .decode(latent)?
+            .squeeze(0)?
+            .clamp(0f32, 1f32)?)
+    }
+
+    fn encode_image(&self, image: &Tensor) -> anyhow::Result<Tensor> {
+        let (_, height, width) = image.dims3()?;
+        self.latent_shape(width, height)?;
+        Ok(self
+            .autoencoder
+            .encode(&image.to_device(&self.device)?.unsqueeze(0)?)?)
+    }
+
+    fn preview(&self) -> &LatentPreview {
+        &self.preview
+    }
+
+    fn batch_conditioning(&self, list: &[Conditioning]) -> anyhow::Result<Conditioning> {
+        let contexts: Vec<&Tensor> = list.iter().map(|c| &c.context).collect();
+        Ok(Conditioning {
+            context: Tensor::cat(&contexts, 0)?,
+            pooled: None,
+            prompt: list
+                .iter()
+                .map(|c| c.prompt.as_str())
+                .collect::<Vec<_>>()
+                .join(" | "),
+            warnings: list.iter().flat_map(|c| c.warnings.clone()).collect(),
+        })
+    }
+}

@@ -1,0 +1,335 @@
+//! The shapes model's networks: a small transformer prompt encoder and a small DiT that
+//! predicts the flow velocity.
+//!
+//! The DiT follows the FLUX single-stream design at toy scale: latent patches and prompt
+//! tokens form one sequence with joint self-attention, and the noise level (with a pooled
+//! prompt vector) modulates every block through adaLN-Zero, so an untrained block starts as
+//! the identity. Sizes come from [`NetworkConfig`], stored beside the weights.
+
+use candle_core::{D, DType, Module, Tensor};
+use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Sizes of both networks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// Latent channels and side (latents are `[C, side, side]`).
+    pub latent_channels: usize,
+    pub latent_size: usize,
+    /// Latent positions per image token along each axis.
+    pub patch: usize,
+    pub hidden: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp_ratio: usize,
+    pub text_dim: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub vocabulary_size: usize,
+    pub max_tokens: usize,
+}
+
+impl NetworkConfig {
+    /// Image tokens per picture.
+    pub fn image_tokens(&self) -> usize {
+        (self.latent_size / self.patch).pow(2)
+    }
+}
+
+/// Features of the sinusoidal noise-level embedding.
+const TIME_FEATURES: usize = 64;
+const NORM_EPS: f64 = 1e-6;
+
+/// Layer normalisation over the last dimension, without learned parameters.
+fn normalize(x: &Tensor) -> candle_core::Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred.broadcast_div(&(variance + NORM_EPS)?.sqrt()?)
+}
+
+/// Layer normalisation with a learned scale and offset.
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    fn new(size: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(LayerNorm {
+            weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        normalize(x)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// A linear layer whose weights start at zero (adaLN-Zero and the output projection).
+fn zero_linear(inputs: usize, outputs: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let weight = vb.get_with_hints((outputs, inputs), "weight", Init::Const(0.0))?;
+    let bias = vb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+struct Attention {
+    qkv: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(dim: usize, heads: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Attention {
+            qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
+            out: candle_nn::linear(dim, dim, vb.pp("out"))?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, tokens, dim) = x.dims3()?;
+        let head_dim = dim / self.heads;
+        let qkv = self
+            .qkv
+            .forward(x)?
+            .reshape((batch, tokens, 3, self.heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = qkv.get(0)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?;
+        let weights = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let mixed = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, tokens, dim))?;
+        self.out.forward(&mixed)
+    }
+}
+
+struct Mlp {
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn new(dim: usize, ratio: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Mlp {
+            up: candle_nn::linear(dim, dim * ratio, vb.pp("up"))?,
+            down: candle_nn::linear(dim * ratio, dim, vb.pp("down"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.down.forward(&self.up.forward(x)?.gelu()?)
+    }
+}
+
+/// The prompt encoder: token embeddings plus positions through a pre-norm transformer.
+pub struct TextEncoder {
+    embedding: Embedding,
+    position: Tensor,
+    blocks: Vec<(LayerNorm, Attention, LayerNorm, Mlp)>,
+    final_norm: LayerNorm,
+}
+
+impl TextEncoder {
+    pub fn new(config: &NetworkConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dim = config.text_dim;
+        let blocks = (0..config.text_layers)
+            .map(|i| {
+                let vb = vb.pp(format!("blocks.{i}"));
+                Ok((
+                    LayerNorm::new(dim, vb.pp("norm1"))?,
+                    Attention::new(dim, config.text_heads, vb.pp("attention"))?,
+                    LayerNorm::new(dim, vb.pp("norm2"))?,
+                    Mlp::new(dim, config.mlp_ratio, vb.pp("mlp"))?,
+                ))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(TextEncoder {
+            embedding: candle_nn::embedding(config.vocabulary_size, dim, vb.pp("embedding"))?,
+            position: vb.get_with_hints(
+                (config.max_tokens, dim),
+                "position",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            blocks,
+            final_norm: LayerNorm::new(dim, vb.pp("final_norm"))?,
+        })
+    }
+
+    /// `[B, T]` token ids to `[B, T, text_dim]` context.
+    pub fn forward(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let mut x = self.embedding.forward(ids)?.broadcast_add(&self.position)?;
+        for (norm1, attention, norm2, mlp) in &self.blocks {
+            x = (&x + attention.forward(&norm1.forward(&x)?)?)?;
+            x = (&x + mlp.forward(&norm2.forward(&x)?)?)?;
+        }
+        self.final_norm.forward(&x)
+    }
+}
+
+struct DitBlock {
+    modulation: Linear,
+    attention: Attention,
+    mlp: Mlp,
+}
+
+/// `x·(1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+impl DitBlock {
+    fn forward(&self, x: &Tensor, conditioning: &Tensor) -> candle_core::Result<Tensor> {
+        let m = self.modulation.forward(conditioning)?.chunk(6, D::Minus1)?;
+        let attended = self
+            .attention
+            .forward(&modulate(&normalize(x)?, &m[0], &m[1])?)?;
+        let x = (x + attended.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
+        let mixed = self
+            .mlp
+            .forward(&modulate(&normalize(&x)?, &m[3], &m[4])?)?;
+        &x + mixed.broadcast_mul(&m[5].unsqueeze(1)?)?
+    }
+}
+
+/// The velocity network.
+pub struct VelocityNet {
+    config: NetworkConfig,
+    patch_in: Linear,
+    position: Tensor,
+    text_in: Linear,
+    pooled_in: Linear,
+    time_in: Linear,
+    time_out: Linear,
+    blocks: Vec<DitBlock>,
+    final_modulation: Linear,
+    final_out: Linear,
+}
+
+impl VelocityNet {
+    pub fn new(config: &NetworkConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let hidden = config.hidden;
+        let patch_values = config.latent_channels * config.patch * config.patch;
+        let blocks = (0..config.depth)
+            .map(|i| {
+                let vb = vb.pp(format!("blocks.{i}"));
+                Ok(DitBlock {
+                    modulation: zero_linear(hidden, 6 * hidden, vb.pp("modulation"))?,
+                    attention: Attention::new(hidden, config.heads, vb.pp("attention"))?,
+                    mlp: Mlp::new(hidden, config.mlp_ratio, vb.pp("mlp"))?,
+                })
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(VelocityNet {
+            config: config.clone(),
+            patch_in: candle_nn::linear(patch_values, hidden, vb.pp("patch_in"))?,
+            position: vb.get_with_hints(
+                (config.image_tokens(), hidden),
+                "position",
+                Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+            )?,
+            text_in: candle_nn::linear(config.text_dim, hidden, vb.pp("text_in"))?,
+            pooled_in: candle_nn::linear(config.text_dim, hidden, vb.pp("pooled_in"))?,
+            time_in: candle_nn::linear(TIME_FEATURES, hidden, vb.pp("time_in"))?,
+            time_out: candle_nn::linear(hidden, hidden, vb.pp("time_out"))?,
+            blocks,
+            final_modulation: zero_linear(hidden, 2 * hidden, vb.pp("final_modulation"))?,
+            final_out: zero_linear(hidden, patch_values, vb.pp("final_out"))?,
+        })
+    }
+
+    /// The velocity for latents `x` (`[B, C, S, S]`) at noise levels `sigma` (`[B]`) given
+    /// prompt context `[B, T, text_dim]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, channels, size, _) = x.dims4()?;
+        let (p, grid) = (self.config.patch, size / self.config.patch);
+        let patches = x
+            .reshape(vec![batch, channels, grid, p, grid, p])?
+            .permute([0, 2, 4, 1, 3, 5])?
+            .reshape((batch, grid * grid, channels * p * p))?;
+        let image = self
+            .patch_in
+            .forward(&patches)?
+            .broadcast_add(&self.position)?;
+        let text = self.text_in.forward(context)?;
+        let time = self.time_out.forward(&candle_nn::ops::silu(
+            &self.time_in.forward(&time_features(sigma)?)?,
+        )?)?;
+        let conditioning =
+            candle_nn::ops::silu(&(time + self.pooled_in.forward(&context.mean(1)?)?)?)?;
+
+        let text_tokens = text.dim(1)?;
+        let mut tokens = Tensor::cat(&[&text, &image], 1)?;
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, &conditioning)?;
+        }
+        let image = tokens.narrow(1, text_tokens, grid * grid)?;
+        let m = self
+            .final_modulation
+            .forward(&conditioning)?
+            .chunk(2, D::Minus1)?;
+        let out = self
+            .final_out
+            .forward(&modulate(&normalize(&image)?, &m[0], &m[1])?)?;
+        out.reshape(vec![batch, grid, grid, channels, p, p])?
+            .permute([0, 3, 1, 4, 2, 5])?
+            .reshape((batch, channels, size, size))
+    }
+}
+
+/// Sinusoidal features of 1000·σ, `[B]` to `[B, TIME_FEATURES]`.
+fn time_features(sigma: &Tensor) -> candle_core::Result<Tensor> {
+    let half = TIME_FEATURES / 2;
+    let frequencies: Vec<f32> = (0..half)
+        .map(|i| (-(10_000f32.ln()) * i as f32 / half as f32).exp())
+        .collect();
+    let frequencies = Tensor::from_vec(frequencies, (1, half), sigma.device())?;
+    let angles =
+        (sigma.to_dtype(DType::F32)?.unsqueeze(1)? * 1000.0)?.broadcast_mul(&frequencies)?;
+    Tensor::cat(&[angles.cos()?, angles.sin()?], 1)
+}
+
+/// Both networks, as one unit that is trained and loaded together.
+pub struct Networks {
+    pub text: TextEncoder,
+    pub velocity: VelocityNet,
+}
+
+impl Networks {
+    pub fn new(config: &NetworkConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Networks {
+            text: TextEncoder::new(config, vb.pp("text"))?,
+            velocity: VelocityNet::new(config, vb.pp("velocity"))?,
+        })
+    }
+
+    /// The velocity for latents `x` at noise levels `sigma` for prompts `ids` (`[B, T]`).
+    pub fn velocity(
+        &self,
+        x: &Tensor,
+        sigma: &Tensor,
+        ids: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        self.velocity.forward(x, sigma, &self.text.forward(ids)?)
+    }
+}

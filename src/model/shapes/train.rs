@@ -1,0 +1,462 @@
+//! Training the shapes model: rectified-flow loss on the procedural data set, on the CPU.
+//!
+//! Each step draws a fresh batch (`dataset::sample(data_seed, index)` for consecutive indices,
+//! so a resumed run sees exactly the data it would have seen, skipping the held-out prompts
+//! that evaluation uses), drops 10% of captions (so CFG
+//! has an unconditional prompt to push away from), samples σ from a logit-normal (most steps
+//! at mid noise, where the picture is decided), and regresses the velocity `ε − x0`. An EMA of
+//! the weights is what ships. Checkpoints hold the weights, the EMA and the step; Adam's
+//! moments are not stored by candle's optimiser, so a resumed run re-estimates them, with a
+//! short learning-rate warm-up.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::autoencoder::PatchAutoencoder;
+use super::network::{NetworkConfig, Networks};
+use super::tokenizer::Tokenizer;
+use super::{AutoencoderConfig, CONFIG_FILE, FORMAT, PreviewConfig, ShapesConfig, WEIGHTS_FILE};
+use crate::dataset::{is_held_out, sample};
+use crate::files::{write_atomic, write_atomic_with};
+use crate::flow::noise::{gaussian, gaussian_values};
+use crate::model::{LatentPreview, tensor_from_image};
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+/// The longest caption of the grammar is 12 words; with the start token, 13 tokens.
+const MAX_TOKENS: usize = 13;
+pub const CHECKPOINT_STATE: &str = "checkpoint.json";
+
+/// Everything that decides the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSettings {
+    pub network: NetworkConfig,
+    pub batch: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    pub ema_decay: f64,
+    pub caption_dropout: f64,
+    /// Seed of the training data set (held-out evaluation uses other seeds).
+    pub data_seed: u64,
+    /// Seed of parameter initialisation, noise, σ and caption dropout.
+    pub seed: u64,
+    /// Pictures the autoencoder and preview are fitted on.
+    pub autoencoder_images: usize,
+}
+
+impl TrainSettings {
+    /// The configuration the shipped model is trained with.
+    pub fn default_model() -> Self {
+        Self::with_network(128, 4, 64, 1, 32)
+    }
+
+    /// A very small configuration for tests and CI: trains in seconds.
+    pub fn tiny() -> Self {
+        let mut settings = Self::with_network(32, 1, 16, 1, 8);
+        settings.autoencoder_images = 32;
+        settings.warmup_steps = 5;
+        settings.learning_rate = 2e-3;
+        settings
+    }
+
+    fn with_network(
+        hidden: usize,
+        depth: usize,
+        text_dim: usize,
+        text_layers: usize,
+        batch: usize,
+    ) -> Self {
+        let tokenizer = Tokenizer::for_shapes(MAX_TOKENS);
+        TrainSettings {
+            network: NetworkConfig {
+                latent_channels: 16,
+                latent_size: 16,
+                patch: 2,
+                hidden,
+                depth,
+                heads: 4,
+                mlp_ratio: 4,
+                text_dim,
+                text_layers,
+                text_heads: 4,
+                vocabulary_size: tokenizer.vocabulary().len(),
+                max_tokens: tokenizer.max_tokens(),
+            },
+            batch,
+            learning_rate: 6e-4,
+            warmup_steps: 200,
+            ema_decay: 0.999,
+            caption_dropout: 0.1,
+            data_seed: 1,
+            seed: 7,
+            autoencoder_images: 512,
+        }
+    }
+}
+
+/// What a checkpoint records besides tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    settings: TrainSettings,
+    step: usize,
+    seconds: f64,
+    autoencoder: AutoencoderConfig,
+    preview: PreviewConfig,
+    /// Mean loss of each block of steps, for the record.
+    loss_history: Vec<(usize, f32)>,
+    /// The next data-set index to draw.
+    next_index: u64,
+}
+
+/// A training run in progress.
+pub struct Trainer {
+    settings: TrainSettings,
+    tokenizer: Tokenizer,
+    varmap: VarMap,
+    networks: Networks,
+    optimizer: AdamW,
+    ema: HashMap<String, Tensor>,
+    autoencoder: PatchAutoencoder,
+    preview: LatentPreview,
+    step: usize,
+    seconds: f64,
+    loss_history: Vec<(usize, f32)>,
+    next_index: u64,
+    device: Device,
+}
+
+fn pictures(seed: u64, count: usize, device: &Device) -> anyhow::Result<Tensor> {
+    let images: Vec<Tensor> = (0..count as u64)
+        .map(|i| tensor_from_image(&sample(seed, i).image))
+        .collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::stack(&images, 0)?.to_device(device)?)
+}
+
+/// The seed the autoencoder is fitted on, apart from the training stream.
+const AUTOENCODER_SEED_OFFSET: u64 = 1_000_003;
+
+impl Trainer {
+    /// Starts a run: fits the autoencoder and preview, initialises the networks.
+    pub fn new(settings: TrainSettings, device: &Device) -> anyhow::Result<Self> {
+        let fit_images = pictures(
+            settings.data_seed + AUTOENCODER_SEED_OFFSET,
+            settings.autoencoder_images,
+            device,
+        )?;
+        let autoencoder = PatchAutoencoder::fit(&fit_images, settings.network.latent_channels)?;
+        let preview = autoencoder.fit_preview(&fit_images)?;
+        let state = CheckpointState {
+            autoencoder: AutoencoderConfig {
+                scale: autoencoder.scale,
+                shift: autoencoder.shift,
+            },
+            preview: PreviewConfig {
+                matrix: preview.matrix.clone(),
+                bias: preview.bias,
+            },
+            settings,
+            step: 0,
+            seconds: 0.0,
+            loss_history: Vec::new(),
+            next_index: 0,
+        };
+        Self::assemble(state, autoencoder, None, device)
+    }
+
+    /// Continues the run checkpointed in `folder`.
+    pub fn resume(folder: &Path, device: &Device) -> anyhow::Result<Self> {
+        let state_path = folder.join(CHECKPOINT_STATE);
+        let state: CheckpointState = serde_json::from_str(
+            &std::fs::read_to_string(&state_path)
+                .with_context(|| format!("cannot read {}", state_path.display()))?,
+        )
+        .with_context(|| format!("{} is broken", state_path.display()))?;
+        let tensors_path = folder.join(CHECKPOINT_FILE);
+        let tensors = candle_core::safetensors::load(&tensors_path, device)
+            .with_context(|| format!("cannot read {}", tensors_path.display()))?;
+        let tensor = |name: &str| {
+            tensors
+                .get(name)
+                .cloned()
+                .with_context(|| format!("{} has no tensor {name}", tensors_path.display()))
+        };
+        let autoencoder = PatchAutoencoder {
+            mean: tensor("autoencoder.mean")?,
+            encoder: tensor("autoencoder.encoder")?,
+            scale: state.autoencoder.scale,
+            shift: state.autoencoder.shift,
+        };
+        Self::assemble(state, autoencoder, Some(&tensors), device)
+    }
+
+    fn assemble(
+        state: CheckpointState,
+        autoencoder: PatchAutoencoder,
+        checkpoint: Option<&HashMap<String, Tensor>>,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
+        let settings = state.settings;
+        let varmap = VarMap::new();
+        let networks = Networks::new(
+            &settings.network,
+            VarBuilder::from_varmap(&varmap, DType::F32, device),
+        )?;
+        if checkpoint.is_none() {
+            redraw_initial_weights(&varmap, settings.seed, device)?;
+        }
+        let mut ema = HashMap::new();
+        for (name, var) in varmap
+            .data()
+            .lock()
+            .expect("the var map is not poisoned")
+            .iter()
+        {
+            if let Some(saved) = checkpoint {
+                let raw = saved
+                    .get(&format!("raw.{name}"))
+                    .with_context(|| format!("the checkpoint has no tensor raw.{name}"))?;
+                var.set(raw)?;
+                let averaged = saved
+                    .get(&format!("ema.{name}"))
+                    .with_context(|| format!("the checkpoint has no tensor ema.{name}"))?;
+                ema.insert(name.clone(), averaged.clone());
+            } else {
+                ema.insert(name.clone(), var.as_tensor().copy()?);
+            }
+        }
+        let optimizer = AdamW::new(
+            varmap.all_vars(),
+            ParamsAdamW {
+                lr: settings.learning_rate,
+                weight_decay: 0.0,
+                ..ParamsAdamW::default()
+            },
+        )?;
+        Ok(Trainer {
+            tokenizer: Tokenizer::for_shapes(settings.network.max_tokens),
+            settings,
+            varmap,
+            networks,
+            optimizer,
+            ema,
+            autoencoder,
+            preview: LatentPreview {
+                matrix: state.preview.matrix,
+                bias: state.preview.bias,
+            },
+            step: state.step,
+            seconds: state.seconds,
+            loss_history: state.loss_history,
+            next_index: state.next_index,
+            device: device.clone(),
+        })
+    }
+
+    pub fn step_count(&self) -> usize {
+        self.step
+    }
+
+    pub fn seconds(&self) -> f64 {
+        self.seconds
+    }
+
+    pub fn settings(&self) -> &TrainSettings {
+        &self.settings
+    }
+
+    /// One optimisation step on a fresh batch; returns its loss.
+    pub fn train_step(&mut self, steps_since_start: usize) -> anyhow::Result<f32> {
+        let started = Instant::now();
+        let settings = &self.settings;
+        let batch = settings.batch;
+        let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+        rng.set_stream(self.step as u64);
+        let mut images = Vec::with_capacity(batch);
+        let mut captions = Vec::with_capacity(batch);
+        while images.len() < batch {
+            let drawn = sample(settings.data_seed, self.next_index);
+            self.next_index += 1;
+            if is_held_out(&drawn.caption) {
+                continue;
+            }
+            images.push(tensor_from_image(&drawn.image)?);
+            let dropped = rng.random::<f64>() < settings.caption_dropout;
+            captions.push(if dropped {
+                String::new()
+            } else {
+                drawn.caption.text()
+            });
+        }
+        let clean = self
+            .autoencoder
+            .encode(&Tensor::stack(&images, 0)?.to_device(&self.device)?)?;
+        let ids = self.tokenizer.batch(&captions, &self.device)?;
+        let noise_seed = rng.random::<u64>();
+        let noise = gaussian(noise_seed, clean.shape(), &self.device)?;
+        // Logit-normal σ: the sigmoid of a standard normal.
+        let sigmas: Vec<f32> = gaussian_values(noise_seed ^ 0x5167_4D41, batch)
+            .into_iter()
+            .map(|n| 1.0 / (1.0 + (-n).exp()))
+            .collect();
+        let sigma = Tensor::from_vec(sigmas, batch, &self.device)?;
+        let sigma_4d = sigma.reshape((batch, 1, 1, 1))?;
+        let noisy =
+            (noise.broadcast_mul(&sigma_4d)? + clean.broadcast_mul(&(1.0 - &sigma_4d)?)?)?;
+        let target = (&noise - &clean)?;
+
+        let warmup = (steps_since_start + 1) as f64 / settings.warmup_steps.max(1) as f64;
+        self.optimizer
+            .set_learning_rate(settings.learning_rate * warmup.min(1.0));
+        let predicted = self.networks.velocity(&noisy, &sigma, &ids)?;
+        let loss = (predicted - target)?.sqr()?.mean_all()?;
+        self.optimizer.backward_step(&loss)?;
+
+        let decay = settings
+            .ema_decay
+            .min((1 + self.step) as f64 / (10 + self.step) as f64);
+        for (name, var) in self
+            .varmap
+            .data()
+            .lock()
+            .expect("the var map is not poisoned")
+            .iter()
+        {
+            let averaged = self.ema.get_mut(name).expect("every var has an average");
+            *averaged = ((&*averaged * decay)? + (var.as_detached_tensor() * (1.0 - decay))?)?;
+        }
+        self.step += 1;
+        self.seconds += started.elapsed().as_secs_f64();
+        let loss = loss.to_scalar::<f32>()?;
+        Ok(loss)
+    }
+
+    /// Records a block's mean loss in the history kept with the checkpoint.
+    pub fn record_loss(&mut self, mean_loss: f32) {
+        self.loss_history.push((self.step, mean_loss));
+    }
+
+    /// Writes the checkpoint and the usable model (EMA weights) into `folder`, atomically.
+    pub fn save(&self, folder: &Path, command: &str) -> anyhow::Result<()> {
+        std::fs::create_dir_all(folder)
+            .with_context(|| format!("cannot create {}", folder.display()))?;
+        let autoencoder_tensors = [
+            (
+                "autoencoder.mean".to_string(),
+                self.autoencoder.mean.clone(),
+            ),
+            (
+                "autoencoder.encoder".to_string(),
+                self.autoencoder.encoder.clone(),
+            ),
+        ];
+        let vars: Vec<(String, Var)> = self
+            .varmap
+            .data()
+            .lock()
+            .expect("the var map is not poisoned")
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+
+        let mut checkpoint: HashMap<String, Tensor> = autoencoder_tensors.iter().cloned().collect();
+        for (name, var) in &vars {
+            checkpoint.insert(format!("raw.{name}"), var.as_detached_tensor());
+            checkpoint.insert(format!("ema.{name}"), self.ema[name].clone());
+        }
+        save_safetensors(&checkpoint, &folder.join(CHECKPOINT_FILE))?;
+        let autoencoder = AutoencoderConfig {
+            scale: self.autoencoder.scale,
+            shift: self.autoencoder.shift,
+        };
+        let preview = PreviewConfig {
+            matrix: self.preview.matrix.clone(),
+            bias: self.preview.bias,
+        };
+        let state = CheckpointState {
+            settings: self.settings.clone(),
+            step: self.step,
+            seconds: self.seconds,
+            autoencoder: autoencoder.clone(),
+            preview: preview.clone(),
+            loss_history: self.loss_history.clone(),
+            next_index: self.next_index,
+        };
+        write_atomic(
+            &folder.join(CHECKPOINT_STATE),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
+
+        let mut model: HashMap<String, Tensor> = autoencoder_tensors.into_iter().collect();
+        model.extend(self.ema.iter().map(|(n, t)| (n.clone(), t.clone())));
+        save_safetensors(&model, &folder.join(WEIGHTS_FILE))?;
+        let config = ShapesConfig {
+            format: FORMAT.to_string(),
+            network: self.settings.network.clone(),
+            vocabulary: self.tokenizer.vocabulary().to_vec(),
+            autoencoder,
+            preview,
+            training: serde_json::json!({
+                "command": command,
+                "settings": self.settings,
+                "steps": self.step,
+                "seconds": self.seconds,
+                "machine": format!("{} logical CPU cores", std::thread::available_parallelism().map_or(1, |n| n.get())),
+                "loss_history": self.loss_history,
+                "flowline_version": env!("CARGO_PKG_VERSION"),
+            }),
+        };
+        write_atomic(
+            &folder.join(CONFIG_FILE),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )
+    }
+}
+
+/// candle's CPU generator cannot be seeded, so every randomly initialised weight is redrawn
+/// from Flowline's portable generator, at the scale candle's initialiser uses for it:
+/// embeddings N(0, 1), learned positions N(0, 0.02²), linear weights Kaiming-normal
+/// (std √(2/fan_in)), linear biases with the variance of U(±1/√fan_in). Constant
+/// initialisations (norm scales, adaLN-Zero's zeros) stay. A seed thus reproduces the run.
+fn redraw_initial_weights(varmap: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
+    let data = varmap.data().lock().expect("the var map is not poisoned");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for (index, name) in names.iter().enumerate() {
+        let current = data[*name].as_tensor();
+        let spread = current
+            .broadcast_sub(&current.mean_all()?)?
+            .sqr()?
+            .sum_all()?;
+        if spread.to_scalar::<f32>()? == 0.0 {
+            continue;
+        }
+        let fan_in = |weight: &str| data.get(weight).map(|w| w.dims()[1] as f64);
+        let std = if name.ends_with("embedding.weight") {
+            1.0
+        } else if name.ends_with("position") {
+            0.02
+        } else if let Some(layer) = name.strip_suffix(".bias") {
+            let fan_in = fan_in(&format!("{layer}.weight")).context("a bias has its weight")?;
+            1.0 / (3.0 * fan_in).sqrt()
+        } else {
+            (2.0 / fan_in(name).context("a weight is a matrix")?).sqrt()
+        };
+        let stream = seed.wrapping_mul(1_000_003).wrapping_add(index as u64);
+        data[*name].set(&gaussian(stream, current.shape(), device)?.affine(std, 0.0)?)?;
+    }
+    Ok(())
+}
+
+/// Writes safetensors atomically.
+fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+    write_atomic_with(path, |temporary| {
+        Ok(candle_core::safetensors::save(tensors, temporary)?)
+    })
+}

@@ -1,0 +1,225 @@
+//! The shapes model family: training, saving, loading through the Load Model node, and the
+//! messages a user gets for broken model files. These tests train a tiny configuration in a
+//! temporary folder; the shipped weights are tested in `shipped_model.rs`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use candle_core::{Device, Tensor};
+use flowline::executor::{Event, Executor, RunFailure};
+use flowline::model::shapes::train::{TrainSettings, Trainer};
+use flowline::model::shapes::{ShapesModel, WEIGHTS_FILE};
+use flowline::model::{FlowModel, image_from_tensor};
+use flowline::nodes::RunEnv;
+use flowline::workflow::Workflow;
+
+fn train_tiny(folder: &Path, steps: usize) -> Vec<f32> {
+    let mut trainer = Trainer::new(TrainSettings::tiny(), &Device::Cpu).unwrap();
+    let losses = (0..steps).map(|i| trainer.train_step(i).unwrap()).collect();
+    trainer.save(folder, "test").unwrap();
+    losses
+}
+
+fn mean(values: &[f32]) -> f32 {
+    values.iter().sum::<f32>() / values.len() as f32
+}
+
+#[test]
+fn a_few_training_steps_lower_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let losses = train_tiny(dir.path(), 120);
+    let (first, last) = (mean(&losses[..20]), mean(&losses[100..]));
+    assert!(last < 0.8 * first, "loss went from {first} to {last}");
+}
+
+#[test]
+fn training_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), 3);
+    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(resumed.step_count(), 3);
+    resumed.train_step(0).unwrap();
+    assert_eq!(resumed.step_count(), 4);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["training"]["steps"], 3);
+    assert_eq!(config["training"]["command"], "test");
+}
+
+#[test]
+fn the_same_seed_trains_the_same_weights() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train_tiny(a.path(), 2);
+    train_tiny(b.path(), 2);
+    let read = |p: &Path| std::fs::read(p.join(WEIGHTS_FILE)).unwrap();
+    assert!(
+        read(a.path()) == read(b.path()),
+        "weights differ between identical runs"
+    );
+}
+
+#[test]
+fn a_trained_folder_runs_through_the_default_workflow() {
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), 2);
+    let mut workflow = Workflow::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/workflows/default.json"
+    )))
+    .unwrap();
+    workflow.apply_assignment("model.family=shapes").unwrap();
+    workflow
+        .apply_assignment(&format!("model.path={}", dir.path().display()))
+        .unwrap();
+    workflow.apply_assignment("sampler.steps=3").unwrap();
+    workflow
+        .apply_assignment("prompt.text=a red star, thanks")
+        .unwrap();
+    let mut executor = Executor::spawn();
+    let env = RunEnv {
+        output_dir: dir.path().to_path_buf(),
+        workflow_json: None,
+    };
+    executor.run(workflow.graph, env);
+    let mut steps = 0;
+    let mut warnings = Vec::new();
+    loop {
+        match executor
+            .events()
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap()
+        {
+            Event::Step { step, .. } => {
+                steps += 1;
+                assert_eq!(step.canvas_preview.dimensions(), (16, 16));
+            }
+            Event::Warning { message, .. } => warnings.push(message),
+            Event::RunFinished { .. } => break,
+            other if other.is_terminal() => panic!("{other:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(steps, 3);
+    assert_eq!(warnings, ["unknown words ignored: thanks"]);
+    assert!(dir.path().join("flowline_00001.png").exists());
+}
+
+fn load_error(folder: &Path) -> String {
+    match ShapesModel::load(folder, &Device::Cpu) {
+        Ok(_) => panic!("{} loaded", folder.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn broken_model_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing-here");
+    assert!(
+        load_error(&missing).contains("nothing-here/config.json"),
+        "{}",
+        load_error(&missing)
+    );
+
+    train_tiny(dir.path(), 1);
+    let weights = dir.path().join(WEIGHTS_FILE);
+    let original = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+
+    std::fs::write(&weights, b"not a safetensors file").unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("cannot read model weights") && err.contains(WEIGHTS_FILE),
+        "{err}"
+    );
+
+    let mut without: HashMap<String, Tensor> = original.clone();
+    without.remove("velocity.final_out.weight");
+    candle_core::safetensors::save(&without, &weights).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("velocity.final_out.weight"), "{err}");
+
+    let mut misshapen = original.clone();
+    misshapen.insert(
+        "autoencoder.encoder".into(),
+        Tensor::zeros((48, 3), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&misshapen, &weights).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("autoencoder.encoder has shape [48, 3], expected [48, 16]"),
+        "{err}"
+    );
+
+    let mut narrow = original;
+    narrow.insert(
+        "velocity.time_out.weight".into(),
+        Tensor::zeros((3, 3), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&narrow, &weights).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("velocity.time_out.weight"), "{err}");
+}
+
+#[test]
+fn a_bad_model_path_fails_the_load_node_as_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut workflow = Workflow::load(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/assets/workflows/default.json"
+    )))
+    .unwrap();
+    workflow.apply_assignment("model.family=shapes").unwrap();
+    workflow
+        .apply_assignment("model.path=/no/such/model")
+        .unwrap();
+    let mut executor = Executor::spawn();
+    let env = RunEnv {
+        output_dir: dir.path().to_path_buf(),
+        workflow_json: None,
+    };
+    executor.run(workflow.graph, env);
+    loop {
+        let event = executor
+            .events()
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap();
+        if let Event::RunFailed { failure, .. } = &event {
+            let RunFailure::Node {
+                node,
+                message,
+                bad_input,
+            } = failure
+            else {
+                panic!("{failure}")
+            };
+            assert_eq!(node, "model");
+            assert!(*bad_input);
+            assert!(message.contains("/no/such/model/config.json"), "{message}");
+            break;
+        }
+        assert!(!event.is_terminal(), "{event:?}");
+    }
+}
+
+#[test]
+fn decoding_an_encoded_picture_gives_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), 1);
+    let model = ShapesModel::load(dir.path(), &Device::Cpu).unwrap();
+    let picture = flowline::dataset::sample(5, 0).image;
+    let latent = model
+        .encode_image(&flowline::model::tensor_from_image(&picture).unwrap())
+        .unwrap();
+    assert_eq!(latent.dims(), [1, 16, 16, 16]);
+    let back = image_from_tensor(&model.decode(&latent).unwrap()).unwrap();
+    let error: f64 = back
+        .as_raw()
+        .iter()
+        .zip(picture.as_raw())
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .sum::<f64>()
+        / picture.as_raw().len() as f64;
+    assert!(error < 4.0, "mean absolute error {error}/255");
+}
