@@ -25,6 +25,9 @@ pub const FORMAT: &str = "flowline-workflow";
 /// The newest version this build reads and the one it writes.
 pub const VERSION: u32 = 1;
 
+/// The text-to-image workflow the app opens with, built into the binary.
+pub const DEFAULT_WORKFLOW: &str = include_str!("../assets/workflows/default.json");
+
 /// A graph plus the app's state, as stored in a file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workflow {

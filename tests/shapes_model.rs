@@ -12,7 +12,7 @@ use flowline::model::shapes::train::{TrainSettings, Trainer};
 use flowline::model::shapes::{ShapesModel, WEIGHTS_FILE};
 use flowline::model::{FlowModel, image_from_tensor};
 use flowline::nodes::RunEnv;
-use flowline::workflow::Workflow;
+use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
 fn train_tiny(folder: &Path, steps: usize) -> Vec<f32> {
     let mut trainer = Trainer::new(TrainSettings::tiny(), &Device::Cpu).unwrap();
@@ -60,48 +60,62 @@ fn the_same_seed_trains_the_same_weights() {
     );
 }
 
+/// Runs the default workflow on the shapes model in `model` with `assignments`, writing into
+/// `out`; returns every event of the run.
+fn run_default_workflow(model: &Path, out: &Path, assignments: &[&str]) -> Vec<Event> {
+    let mut workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default").unwrap();
+    workflow.apply_assignment("model.family=shapes").unwrap();
+    workflow
+        .apply_assignment(&format!("model.path={}", model.display()))
+        .unwrap();
+    for assignment in assignments {
+        workflow.apply_assignment(assignment).unwrap();
+    }
+    let mut executor = Executor::spawn();
+    let env = RunEnv {
+        output_dir: out.to_path_buf(),
+        workflow_json: None,
+    };
+    executor.run(workflow.graph, env);
+    let mut events = Vec::new();
+    loop {
+        let event = executor
+            .events()
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap();
+        let done = event.is_terminal();
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
 #[test]
 fn a_trained_folder_runs_through_the_default_workflow() {
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 2);
-    let mut workflow = Workflow::load(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/assets/workflows/default.json"
-    )))
-    .unwrap();
-    workflow.apply_assignment("model.family=shapes").unwrap();
-    workflow
-        .apply_assignment(&format!("model.path={}", dir.path().display()))
-        .unwrap();
-    workflow.apply_assignment("sampler.steps=3").unwrap();
-    workflow
-        .apply_assignment("prompt.text=a red star, thanks")
-        .unwrap();
-    let mut executor = Executor::spawn();
-    let env = RunEnv {
-        output_dir: dir.path().to_path_buf(),
-        workflow_json: None,
-    };
-    executor.run(workflow.graph, env);
-    let mut steps = 0;
-    let mut warnings = Vec::new();
-    loop {
-        match executor
-            .events()
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap()
-        {
-            Event::Step { step, .. } => {
-                steps += 1;
-                assert_eq!(step.canvas_preview.dimensions(), (16, 16));
-            }
-            Event::Warning { message, .. } => warnings.push(message),
-            Event::RunFinished { .. } => break,
-            other if other.is_terminal() => panic!("{other:?}"),
-            _ => {}
-        }
-    }
-    assert_eq!(steps, 3);
+    let assignments = ["sampler.steps=3", "prompt.text=a red star, thanks"];
+    let events = run_default_workflow(dir.path(), dir.path(), &assignments);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    let previews: Vec<(u32, u32)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Step { step, .. } => Some(step.canvas_preview.dimensions()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(previews, [(16, 16); 3]);
+    let warnings: Vec<&String> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Warning { message, .. } => Some(message),
+            _ => None,
+        })
+        .collect();
     assert_eq!(warnings, ["unknown words ignored: thanks"]);
     assert!(dir.path().join("flowline_00001.png").exists());
 }
@@ -165,42 +179,22 @@ fn broken_model_files_are_named() {
 #[test]
 fn a_bad_model_path_fails_the_load_node_as_bad_input() {
     let dir = tempfile::tempdir().unwrap();
-    let mut workflow = Workflow::load(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/assets/workflows/default.json"
-    )))
-    .unwrap();
-    workflow.apply_assignment("model.family=shapes").unwrap();
-    workflow
-        .apply_assignment("model.path=/no/such/model")
-        .unwrap();
-    let mut executor = Executor::spawn();
-    let env = RunEnv {
-        output_dir: dir.path().to_path_buf(),
-        workflow_json: None,
-    };
-    executor.run(workflow.graph, env);
-    loop {
-        let event = executor
-            .events()
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap();
-        if let Event::RunFailed { failure, .. } = &event {
-            let RunFailure::Node {
+    let events = run_default_workflow(Path::new("/no/such/model"), dir.path(), &[]);
+    let Some(Event::RunFailed {
+        failure:
+            RunFailure::Node {
                 node,
                 message,
                 bad_input,
-            } = failure
-            else {
-                panic!("{failure}")
-            };
-            assert_eq!(node, "model");
-            assert!(*bad_input);
-            assert!(message.contains("/no/such/model/config.json"), "{message}");
-            break;
-        }
-        assert!(!event.is_terminal(), "{event:?}");
-    }
+            },
+        ..
+    }) = events.last()
+    else {
+        panic!("{events:?}")
+    };
+    assert_eq!(node, "model");
+    assert!(*bad_input);
+    assert!(message.contains("/no/such/model/config.json"), "{message}");
 }
 
 #[test]

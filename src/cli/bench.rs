@@ -1,18 +1,26 @@
-//! `flowline bench`: how much time the sampling loop itself costs per step, apart from the
-//! model. The overhead is measured with a velocity field that costs nothing (it returns a
-//! tensor computed beforehand), so what remains is record keeping, norms, divergence checks
-//! and the update itself; the model's own time per evaluation is measured separately.
+//! `flowline bench`: what a run costs.
+//!
+//! First the default workflow end to end (model load included, a fresh executor each time, so
+//! nothing is cached) and the process's peak memory. Then how much the sampling loop itself
+//! costs per step, apart from the model: the overhead is measured with a velocity field that
+//! costs nothing (it returns a tensor computed beforehand), so what remains is record keeping,
+//! norms, divergence checks and the update itself; the default model's own time per
+//! evaluation is measured separately.
 
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use clap::Args;
+use flowline::executor::{Event, Executor};
 use flowline::flow::noise::gaussian;
 use flowline::flow::sampler::{SamplerKind, sample};
 use flowline::flow::schedule::Scheduler;
 use flowline::model::FAMILIES;
+use flowline::nodes::RunEnv;
+use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
 use super::{EXIT_FAILURE, fail};
 
@@ -49,7 +57,64 @@ fn median_seconds(
     Ok(times[times.len() / 2])
 }
 
+/// Runs the default workflow once on a fresh executor; returns the seconds it took.
+fn run_default_workflow(output: &Path) -> anyhow::Result<f64> {
+    let workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default workflow")?;
+    let started = Instant::now();
+    let mut executor = Executor::spawn();
+    let env = RunEnv {
+        output_dir: output.to_path_buf(),
+        workflow_json: None,
+    };
+    executor.run(workflow.graph, env);
+    loop {
+        match executor.events().recv()? {
+            Event::RunFinished { .. } => return Ok(started.elapsed().as_secs_f64()),
+            Event::RunFailed { failure, .. } => anyhow::bail!("{failure}"),
+            Event::RunCancelled { .. } => anyhow::bail!("the run was cancelled"),
+            _ => {}
+        }
+    }
+}
+
+/// The process's peak resident memory in MiB, where the system tells it (Linux).
+fn peak_memory_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let output = tempfile::tempdir()?;
+    let seconds = median_seconds(args.repeats, || {
+        run_default_workflow(output.path())?;
+        Ok(())
+    })?;
+    let workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default workflow")?;
+    let sampler = workflow.graph.node("sampler").map(|n| &n.params);
+    let describe = |key: &str| {
+        sampler
+            .and_then(|p| p.get(key))
+            .map_or("default".to_string(), |v| v.to_string())
+    };
+    println!(
+        "Default workflow end to end (model load, prompts, {} {} steps with CFG, decode, save), median of {}",
+        describe("steps"),
+        describe("sampler"),
+        args.repeats
+    );
+    println!("{:<24} {:>10}", "wall time", format!("{:.3} s", seconds));
+    match peak_memory_mib() {
+        Some(mib) => println!(
+            "{:<24} {:>10}",
+            "peak memory (process)",
+            format!("{mib:.0} MiB")
+        ),
+        None => println!("{:<24} {:>10}", "peak memory (process)", "n/a"),
+    }
+    println!();
+
     let sigmas = Scheduler::Shifted { shift: 3.0 }.sigmas(args.steps, 1.0);
     println!(
         "Sampler overhead per step (model cost excluded), median of {} runs of {} steps",
@@ -87,7 +152,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let family = &FAMILIES[0];
-    let model = (family.load)(std::path::Path::new(""), &Device::Cpu)?;
+    let model = (family.load)(Path::new(""), &Device::Cpu)?;
     let shape = model.latent_shape(64, 64)?;
     let conditioning = model.encode_prompt("a red circle")?;
     let x = gaussian(3, shape, &Device::Cpu)?;

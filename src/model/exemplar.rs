@@ -17,7 +17,7 @@ use candle_core::{D, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 
-use super::{Conditioning, Family, FlowModel, LatentPreview, tensor_from_image};
+use super::{Conditioning, Family, FlowModel, LatentPreview, require_size, tensor_from_image};
 use crate::dataset::{Caption, Scene};
 use crate::nodes::InputError;
 
@@ -88,12 +88,7 @@ impl FlowModel for ExemplarModel {
     }
 
     fn latent_shape(&self, width: usize, height: usize) -> anyhow::Result<Vec<usize>> {
-        if (width, height) != (SIDE, SIDE) {
-            return Err(InputError(format!(
-                "the exemplar model draws {SIDE}×{SIDE} pictures, not {width}×{height}"
-            ))
-            .into());
-        }
+        require_size("exemplar", SIDE, width, height)?;
         Ok(vec![1, 3, SIDE, SIDE])
     }
 

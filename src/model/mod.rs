@@ -111,6 +111,17 @@ pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
 }
 
+/// The error for an image size a fixed-size model cannot draw, as bad input.
+pub fn require_size(model: &str, side: usize, width: usize, height: usize) -> anyhow::Result<()> {
+    if (width, height) == (side, side) {
+        return Ok(());
+    }
+    Err(crate::nodes::InputError(format!(
+        "the {model} model draws {side}×{side} pictures, not {width}×{height}"
+    ))
+    .into())
+}
+
 /// Converts a `[3, H, W]` tensor in [0, 1] to an 8-bit sRGB image (values are clamped).
 pub fn image_from_tensor(t: &Tensor) -> candle_core::Result<image::RgbImage> {
     let (_, height, width) = t.dims3()?;

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use self::autoencoder::PatchAutoencoder;
 use self::network::{NetworkConfig, Networks};
 use self::tokenizer::Tokenizer;
-use super::{Conditioning, Family, FlowModel, LatentPreview};
+use super::{Conditioning, Family, FlowModel, LatentPreview, require_size};
 use crate::nodes::InputError;
 
 pub const FAMILY: Family = Family {
@@ -189,12 +189,7 @@ impl FlowModel for ShapesModel {
     }
 
     fn latent_shape(&self, width: usize, height: usize) -> anyhow::Result<Vec<usize>> {
-        if (width, height) != (IMAGE_SIZE, IMAGE_SIZE) {
-            return Err(InputError(format!(
-                "the shapes model draws {IMAGE_SIZE}×{IMAGE_SIZE} pictures, not {width}×{height}"
-            ))
-            .into());
-        }
+        require_size("shapes", IMAGE_SIZE, width, height)?;
         let n = &self.config.network;
         Ok(vec![1, n.latent_channels, n.latent_size, n.latent_size])
     }

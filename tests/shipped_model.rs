@@ -1,0 +1,194 @@
+//! The shipped default model (`assets/models/shapes`): it loads through the default workflow,
+//! a fixed seed reproduces its reference image, and a held-out subset of the evaluation meets
+//! the adherence targets. CI runs these; no test here trains.
+
+use std::path::Path;
+use std::time::Duration;
+
+use flowline::analyse::{analyse, judge};
+use flowline::dataset::Caption;
+use flowline::eval::{EvalSettings, evaluate, held_out_cases};
+use flowline::executor::{Event, Executor};
+use flowline::flow::guidance::Guidance;
+use flowline::flow::sampler::SamplerKind;
+use flowline::flow::schedule::Scheduler;
+use flowline::graph::ParamValue;
+use flowline::model::{FlowModel, shapes};
+use flowline::nodes::RunEnv;
+use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
+
+const REFERENCE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/data/default-workflow-seed-42.png"
+);
+
+/// Runs `workflow` and returns the image it saved.
+fn run(workflow: Workflow) -> image::RgbImage {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let env = RunEnv {
+        output_dir: dir.path().to_path_buf(),
+        workflow_json: None,
+    };
+    executor.run(workflow.graph, env);
+    loop {
+        match executor
+            .events()
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap()
+        {
+            Event::Image {
+                path: Some(path), ..
+            } => return image::open(path).unwrap().to_rgb8(),
+            event if event.is_terminal() => panic!("{event:?}"),
+            _ => {}
+        }
+    }
+}
+
+fn default_workflow() -> Workflow {
+    Workflow::from_json(DEFAULT_WORKFLOW, "default").unwrap()
+}
+
+#[test]
+fn the_default_workflow_uses_the_shipped_model_and_a_fixed_seed_reproduces_its_image() {
+    let workflow = default_workflow();
+    assert_eq!(
+        workflow.graph.node("model").unwrap().params["family"],
+        ParamValue::Text("shapes".into())
+    );
+    assert_eq!(
+        workflow.graph.node("start").unwrap().params["seed"],
+        ParamValue::Int(42)
+    );
+    let image = run(workflow);
+    let reference = image::open(REFERENCE).unwrap().to_rgb8();
+    // Float summation order may differ between CPUs; a pixel may move by a level or two.
+    let worst = image
+        .as_raw()
+        .iter()
+        .zip(reference.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        worst <= 3,
+        "the image differs from the reference by up to {worst}/255"
+    );
+}
+
+#[test]
+fn the_readme_prompt_gives_that_picture() {
+    let mut workflow = default_workflow();
+    let prompt = "a large red star in the top left on a blue background";
+    workflow
+        .apply_assignment(&format!("prompt.text={prompt}"))
+        .unwrap();
+    let image = run(workflow);
+    let caption = Caption::parse(prompt).unwrap().caption;
+    let judgement = judge(&caption, &analyse(&image).unwrap());
+    assert!(judgement.all_correct(), "{judgement:?}");
+}
+
+#[test]
+fn held_out_prompts_meet_the_adherence_targets() {
+    let model = (shapes::FAMILY.load)(Path::new(""), &candle_core::Device::Cpu).unwrap();
+    let cases = held_out_cases(60);
+    let settings = EvalSettings {
+        samplers: vec![SamplerKind::Euler],
+        steps: vec![4, 16],
+        scheduler: Scheduler::Shifted { shift: 3.0 },
+        guidance: Guidance {
+            scale: 3.0,
+            ..Guidance::default()
+        },
+        batch: 30,
+    };
+    let rows = evaluate(model.as_ref(), &cases, &settings, &mut |_| {}).unwrap();
+    assert!(rows[0].adherence >= 0.75, "4 steps: {:?}", rows[0]);
+    assert!(rows[1].adherence >= 0.90, "16 steps: {:?}", rows[1]);
+}
+
+#[test]
+fn a_rough_blob_comes_back_as_a_clean_shape_of_its_colour_and_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("blob.png");
+    // A lumpy hand-drawn-looking purple disc in the bottom left of a yellow page.
+    let mut picture = image::RgbImage::from_pixel(64, 64, image::Rgb([236, 214, 52]));
+    for (x, y, pixel) in picture.enumerate_pixels_mut() {
+        let (dx, dy) = (x as f32 - 13.0, y as f32 - 50.0);
+        let wobble = 1.0 + 0.15 * (3.0 * dy.atan2(dx)).sin();
+        if (dx * dx + dy * dy).sqrt() < 9.0 * wobble {
+            *pixel = image::Rgb([150, 70, 180]);
+        }
+    }
+    picture.save(&source).unwrap();
+    for strength in [0.6, 0.7, 0.8] {
+        let text = |s: &str| ParamValue::Text(s.into());
+        let mut workflow = default_workflow();
+        let graph = &mut workflow.graph;
+        graph.nodes.push(flowline::graph::Node {
+            id: "image".into(),
+            type_name: "load_image".into(),
+            position: [0.0, 0.0],
+            params: [("path".to_string(), text(source.to_str().unwrap()))].into(),
+        });
+        let start = graph.node_mut("start").unwrap();
+        start.type_name = "source_image_start".into();
+        start.params = [("strength".to_string(), ParamValue::Float(strength))].into();
+        graph.links.push(flowline::graph::Link {
+            from: flowline::graph::Endpoint {
+                node: "image".into(),
+                port: "image".into(),
+            },
+            to: flowline::graph::Endpoint {
+                node: "start".into(),
+                port: "image".into(),
+            },
+        });
+        workflow
+            .apply_assignment("prompt.text=a purple circle")
+            .unwrap();
+        let found = analyse(&run(workflow)).unwrap();
+        assert_eq!(
+            found.color.name(),
+            "purple",
+            "strength {strength}: {found:?}"
+        );
+        assert_eq!(
+            found.background.name(),
+            "yellow",
+            "strength {strength}: {found:?}"
+        );
+        assert_eq!(
+            found.shape.name(),
+            "circle",
+            "strength {strength}: {found:?}"
+        );
+        assert_eq!(
+            found.position.phrase(),
+            "in the bottom left",
+            "strength {strength}: {found:?}"
+        );
+    }
+}
+
+#[test]
+fn the_shipped_files_are_small_and_record_their_training() {
+    let folder = Path::new(shapes::SHIPPED_DIR);
+    let size: u64 = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(size <= 20 * 1024 * 1024, "{size} bytes");
+    let config = shapes::read_config(folder).unwrap();
+    assert!(config.training["seconds"].as_f64().unwrap() > 0.0);
+    assert!(
+        config.training["command"]
+            .as_str()
+            .unwrap()
+            .contains("flowline train")
+    );
+    let model = shapes::ShapesModel::load(folder, &candle_core::Device::Cpu).unwrap();
+    assert!(model.describe().contains("shapes model"));
+}
