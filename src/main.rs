@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Runs a workflow headless and prints the paths of the images it writes.
     Run(cli::run::RunArgs),
-    /// Measures the sampler's per-step overhead apart from model time.
+    /// Times the default workflow end to end, and the sampler's per-step overhead apart from model time.
     Bench(cli::bench::BenchArgs),
     /// Writes a labelled sample grid of the procedural shapes data set.
     Dataset(cli::dataset::DatasetArgs),

@@ -4,9 +4,11 @@
 //! The DiT follows the FLUX single-stream design at toy scale: latent patches and prompt
 //! tokens form one sequence with joint self-attention, and the noise level (with a pooled
 //! prompt vector) modulates every block through adaLN-Zero, so an untrained block starts as
-//! the identity. Sizes come from [`NetworkConfig`], stored beside the weights.
+//! the identity. Token positions are fixed sinusoids (2-D for the latent grid, 1-D for the
+//! prompt), so "top left" and "red … on a blue background" are readable from the first step.
+//! Sizes come from [`NetworkConfig`], stored beside the weights.
 
-use candle_core::{D, DType, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
@@ -154,14 +156,7 @@ impl TextEncoder {
             .collect::<candle_core::Result<_>>()?;
         Ok(TextEncoder {
             embedding: candle_nn::embedding(config.vocabulary_size, dim, vb.pp("embedding"))?,
-            position: vb.get_with_hints(
-                (config.max_tokens, dim),
-                "position",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            )?,
+            position: text_positions(config.max_tokens, dim, vb.device())?,
             blocks,
             final_norm: LayerNorm::new(dim, vb.pp("final_norm"))?,
         })
@@ -235,14 +230,7 @@ impl VelocityNet {
         Ok(VelocityNet {
             config: config.clone(),
             patch_in: candle_nn::linear(patch_values, hidden, vb.pp("patch_in"))?,
-            position: vb.get_with_hints(
-                (config.image_tokens(), hidden),
-                "position",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-            )?,
+            position: grid_positions(config.latent_size / config.patch, hidden, vb.device())?,
             text_in: candle_nn::linear(config.text_dim, hidden, vb.pp("text_in"))?,
             pooled_in: candle_nn::linear(config.text_dim, hidden, vb.pp("pooled_in"))?,
             time_in: candle_nn::linear(TIME_FEATURES, hidden, vb.pp("time_in"))?,
@@ -295,6 +283,48 @@ impl VelocityNet {
             .permute([0, 3, 1, 4, 2, 5])?
             .reshape((batch, channels, size, size))
     }
+}
+
+/// Fixed sinusoidal position features, `[N, dim]` for N points of any number of coordinates:
+/// each coordinate gets an equal share of the features, half sines and half cosines at
+/// geometrically spaced frequencies (as in the Transformer and DiT). Fixed rather than learned,
+/// so the networks know where every token is from the first step.
+fn sinusoidal<const K: usize>(
+    points: &[[f32; K]],
+    dim: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let per_axis = dim / K;
+    let half = per_axis / 2;
+    let mut values = Vec::with_capacity(points.len() * dim);
+    for point in points {
+        for coordinate in point {
+            for i in 0..half {
+                let frequency = (-(10_000f32.ln()) * i as f32 / half as f32).exp();
+                values.push((coordinate * frequency).sin());
+            }
+            for i in 0..half {
+                let frequency = (-(10_000f32.ln()) * i as f32 / half as f32).exp();
+                values.push((coordinate * frequency).cos());
+            }
+        }
+        values.resize(values.len() + dim - K * 2 * half, 0.0);
+    }
+    Tensor::from_vec(values, (points.len(), dim), device)
+}
+
+/// Position features of a sequence of `length` tokens.
+fn text_positions(length: usize, dim: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let points: Vec<[f32; 1]> = (0..length).map(|t| [t as f32]).collect();
+    sinusoidal(&points, dim, device)
+}
+
+/// Position features of a `side`×`side` token grid in row-major order.
+fn grid_positions(side: usize, dim: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let points: Vec<[f32; 2]> = (0..side * side)
+        .map(|i| [(i / side) as f32, (i % side) as f32])
+        .collect();
+    sinusoidal(&points, dim, device)
 }
 
 /// Sinusoidal features of 1000·σ, `[B]` to `[B, TIME_FEATURES]`.

@@ -421,7 +421,7 @@ impl Trainer {
 
 /// candle's CPU generator cannot be seeded, so every randomly initialised weight is redrawn
 /// from Flowline's portable generator, at the scale candle's initialiser uses for it:
-/// embeddings N(0, 1), learned positions N(0, 0.02²), linear weights Kaiming-normal
+/// embeddings N(0, 1), linear weights Kaiming-normal
 /// (std √(2/fan_in)), linear biases with the variance of U(±1/√fan_in). Constant
 /// initialisations (norm scales, adaLN-Zero's zeros) stay. A seed thus reproduces the run.
 fn redraw_initial_weights(varmap: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
@@ -440,8 +440,6 @@ fn redraw_initial_weights(varmap: &VarMap, seed: u64, device: &Device) -> anyhow
         let fan_in = |weight: &str| data.get(weight).map(|w| w.dims()[1] as f64);
         let std = if name.ends_with("embedding.weight") {
             1.0
-        } else if name.ends_with("position") {
-            0.02
         } else if let Some(layer) = name.strip_suffix(".bias") {
             let fan_in = fan_in(&format!("{layer}.weight")).context("a bias has its weight")?;
             1.0 / (3.0 * fan_in).sqrt()
