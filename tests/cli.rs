@@ -101,6 +101,8 @@ fn bad_parameters_exit_2() {
         "--out",
         dir.path().to_str().unwrap(),
         "--set",
+        "model.family=exemplar",
+        "--set",
         "prompt.text=a glowing blue",
     ]);
     assert_bad_input(&output, "node \"prompt\" failed");

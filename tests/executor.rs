@@ -1,19 +1,18 @@
 //! The background executor, driven as the GUI drives it: queue runs, read events, cancel.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use flowline::executor::{Event, Executor, RunFailure, RunId};
 use flowline::graph::ParamValue;
 use flowline::nodes::RunEnv;
-use flowline::workflow::Workflow;
+use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
+/// The default workflow on the weightless exemplar model: these tests are about the
+/// executor, not about any trained model.
 fn default_workflow() -> Workflow {
-    Workflow::load(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/assets/workflows/default.json"
-    )))
-    .unwrap()
+    let mut workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default").unwrap();
+    workflow.apply_assignment("model.family=exemplar").unwrap();
+    workflow
 }
 
 fn env(dir: &tempfile::TempDir) -> RunEnv {
