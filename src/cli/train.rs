@@ -35,6 +35,9 @@ pub struct TrainArgs {
     /// Continue the run checkpointed in --out.
     #[arg(long)]
     resume: bool,
+    /// Shift of the training σ distribution (on --resume: changes it from now on).
+    #[arg(long)]
+    sigma_shift: Option<f64>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
@@ -59,6 +62,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
     };
+    if let Some(shift) = args.sigma_shift {
+        trainer.set_sigma_shift(shift);
+    }
     match run(&mut trainer, &args, &command) {
         Ok(()) => {
             println!(

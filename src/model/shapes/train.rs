@@ -3,8 +3,9 @@
 //! Each step draws a fresh batch (`dataset::sample(data_seed, index)` for consecutive indices,
 //! so a resumed run sees exactly the data it would have seen, skipping the held-out prompts
 //! that evaluation uses), drops 10% of captions (so CFG
-//! has an unconditional prompt to push away from), samples σ from a logit-normal (most steps
-//! at mid noise, where the picture is decided), and regresses the velocity `ε − x0`. An EMA of
+//! has an unconditional prompt to push away from), samples σ from a logit-normal shifted like
+//! the sampler's schedule (so the high noise levels where the composition is decided are
+//! trained as often as they are sampled), and regresses the velocity `ε − x0`. An EMA of
 //! the weights is what ships. Checkpoints hold the weights, the EMA and the step; Adam's
 //! moments are not stored by candle's optimiser, so a resumed run re-estimates them, with a
 //! short learning-rate warm-up.
@@ -27,6 +28,7 @@ use super::{AutoencoderConfig, CONFIG_FILE, FORMAT, PreviewConfig, ShapesConfig,
 use crate::dataset::{is_held_out, sample};
 use crate::files::{write_atomic, write_atomic_with};
 use crate::flow::noise::{gaussian, gaussian_values};
+use crate::flow::schedule::Scheduler;
 use crate::model::{LatentPreview, tensor_from_image};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -49,6 +51,14 @@ pub struct TrainSettings {
     pub seed: u64,
     /// Pictures the autoencoder and preview are fitted on.
     pub autoencoder_images: usize,
+    /// Shift applied to the logit-normal σ (as the sampler's `shifted` scheduler does), so
+    /// training sees the high noise levels where sampling decides the composition.
+    #[serde(default = "no_shift")]
+    pub sigma_shift: f64,
+}
+
+fn no_shift() -> f64 {
+    1.0
 }
 
 impl TrainSettings {
@@ -97,6 +107,7 @@ impl TrainSettings {
             data_seed: 1,
             seed: 7,
             autoencoder_images: 512,
+            sigma_shift: 3.0,
         }
     }
 }
@@ -113,6 +124,9 @@ struct CheckpointState {
     loss_history: Vec<(usize, f32)>,
     /// The next data-set index to draw.
     next_index: u64,
+    /// Changes of settings during the run, for the record.
+    #[serde(default)]
+    notes: Vec<String>,
 }
 
 /// A training run in progress.
@@ -129,6 +143,7 @@ pub struct Trainer {
     seconds: f64,
     loss_history: Vec<(usize, f32)>,
     next_index: u64,
+    notes: Vec<String>,
     device: Device,
 }
 
@@ -166,6 +181,7 @@ impl Trainer {
             seconds: 0.0,
             loss_history: Vec::new(),
             next_index: 0,
+            notes: Vec::new(),
         };
         Self::assemble(state, autoencoder, None, device)
     }
@@ -228,7 +244,7 @@ impl Trainer {
                     .with_context(|| format!("the checkpoint has no tensor ema.{name}"))?;
                 ema.insert(name.clone(), averaged.clone());
             } else {
-                ema.insert(name.clone(), var.as_tensor().copy()?);
+                ema.insert(name.clone(), var.as_detached_tensor().copy()?);
             }
         }
         let optimizer = AdamW::new(
@@ -255,6 +271,7 @@ impl Trainer {
             seconds: state.seconds,
             loss_history: state.loss_history,
             next_index: state.next_index,
+            notes: state.notes,
             device: device.clone(),
         })
     }
@@ -269,6 +286,17 @@ impl Trainer {
 
     pub fn settings(&self) -> &TrainSettings {
         &self.settings
+    }
+
+    /// Changes the σ shift of a resumed run from now on, noting the change in the record.
+    pub fn set_sigma_shift(&mut self, shift: f64) {
+        if shift != self.settings.sigma_shift {
+            self.notes.push(format!(
+                "from step {}: sigma_shift {} (was {})",
+                self.step, shift, self.settings.sigma_shift
+            ));
+            self.settings.sigma_shift = shift;
+        }
     }
 
     /// One optimisation step on a fresh batch; returns its loss.
@@ -300,10 +328,13 @@ impl Trainer {
         let ids = self.tokenizer.batch(&captions, &self.device)?;
         let noise_seed = rng.random::<u64>();
         let noise = gaussian(noise_seed, clean.shape(), &self.device)?;
-        // Logit-normal σ: the sigmoid of a standard normal.
+        // Logit-normal σ (the sigmoid of a standard normal), shifted.
+        let shift = Scheduler::Shifted {
+            shift: settings.sigma_shift,
+        };
         let sigmas: Vec<f32> = gaussian_values(noise_seed ^ 0x5167_4D41, batch)
             .into_iter()
-            .map(|n| 1.0 / (1.0 + (-n).exp()))
+            .map(|n| shift.warp(1.0 / (1.0 + (-n as f64).exp())) as f32)
             .collect();
         let sigma = Tensor::from_vec(sigmas, batch, &self.device)?;
         let sigma_4d = sigma.reshape((batch, 1, 1, 1))?;
@@ -329,7 +360,9 @@ impl Trainer {
             .iter()
         {
             let averaged = self.ema.get_mut(name).expect("every var has an average");
-            *averaged = ((&*averaged * decay)? + (var.as_detached_tensor() * (1.0 - decay))?)?;
+            // Detached, or every average would keep the previous one alive through its graph.
+            *averaged =
+                ((&*averaged * decay)? + (var.as_detached_tensor() * (1.0 - decay))?)?.detach();
         }
         self.step += 1;
         self.seconds += started.elapsed().as_secs_f64();
@@ -387,6 +420,7 @@ impl Trainer {
             preview: preview.clone(),
             loss_history: self.loss_history.clone(),
             next_index: self.next_index,
+            notes: self.notes.clone(),
         };
         write_atomic(
             &folder.join(CHECKPOINT_STATE),
@@ -409,6 +443,7 @@ impl Trainer {
                 "seconds": self.seconds,
                 "machine": format!("{} logical CPU cores", std::thread::available_parallelism().map_or(1, |n| n.get())),
                 "loss_history": self.loss_history,
+                "notes": self.notes,
                 "flowline_version": env!("CARGO_PKG_VERSION"),
             }),
         };
