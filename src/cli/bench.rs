@@ -12,13 +12,15 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
+use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Args;
 use flowline::executor::{Event, Executor};
 use flowline::flow::noise::gaussian;
 use flowline::flow::sampler::{SamplerKind, sample};
 use flowline::flow::schedule::Scheduler;
-use flowline::model::FAMILIES;
+use flowline::graph::ParamValue;
+use flowline::model::{FAMILY_NAMES, family};
 use flowline::nodes::RunEnv;
 use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
@@ -151,7 +153,12 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
 
-    let family = &FAMILIES[0];
+    let model_node = workflow.graph.node("model").map(|n| &n.params);
+    let family_name = match model_node.and_then(|p| p.get("family")) {
+        Some(ParamValue::Text(name)) => name.clone(),
+        _ => FAMILY_NAMES[0].to_string(),
+    };
+    let family = family(&family_name).with_context(|| format!("no model family {family_name}"))?;
     let model = (family.load)(Path::new(""), &Device::Cpu)?;
     let shape = model.latent_shape(64, 64)?;
     let conditioning = model.encode_prompt("a red circle")?;

@@ -102,10 +102,10 @@ pub struct Family {
 }
 
 /// Every model family, by name.
-pub const FAMILIES: &[Family] = &[shapes::FAMILY, exemplar::FAMILY];
+pub const FAMILIES: &[Family] = &[exemplar::FAMILY, shapes::FAMILY];
 
 /// The names of [`FAMILIES`], for the Load Model node's choice.
-pub const FAMILY_NAMES: &[&str] = &[shapes::FAMILY.name, exemplar::FAMILY.name];
+pub const FAMILY_NAMES: &[&str] = &[exemplar::FAMILY.name, shapes::FAMILY.name];
 
 pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)
