@@ -108,3 +108,30 @@ fn bad_parameters_exit_2() {
     assert_bad_input(&output, "node \"prompt\" failed");
     assert!(!Path::new(&dir.path().join("flowline_00001.png")).exists());
 }
+
+#[test]
+fn eval_runs_on_the_shipped_weights_and_writes_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("eval.json");
+    let output = flowline(&[
+        "eval",
+        "--family",
+        "shapes",
+        "--prompts",
+        "2",
+        "--samplers",
+        "euler",
+        "--steps",
+        "1,2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["steps"], 2);
+    assert_eq!(rows[1]["images"], 2);
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("adherence"), "{stdout}");
+}

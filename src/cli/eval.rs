@@ -1,6 +1,6 @@
 //! `flowline eval`: measures prompt adherence on held-out prompts and prints a table.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use candle_core::Device;
@@ -19,9 +19,9 @@ pub struct EvalArgs {
     /// Model family to evaluate.
     #[arg(long, default_value = "shapes")]
     family: String,
-    /// Model folder (empty: the family's built-in weights).
-    #[arg(long, default_value = "")]
-    model: PathBuf,
+    /// Model folder (default: the family's built-in weights).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
     /// Number of held-out prompts.
     #[arg(long, default_value_t = 200)]
     prompts: usize,
@@ -59,7 +59,8 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             None => return fail(EXIT_BAD_INPUT, format!("unknown sampler {name:?}")),
         }
     }
-    let model = match (family.load)(Path::new(&args.model), &Device::Cpu) {
+    let folder = args.model.clone().unwrap_or_default();
+    let model = match (family.load)(&folder, &Device::Cpu) {
         Ok(m) => m,
         Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
     };
