@@ -2,11 +2,12 @@
 //!
 //! Prompts are the held-out captions of the shapes data set (see
 //! [`crate::dataset::is_held_out`]), each with its own noise seed, so nothing evaluated was
-//! trained on. Every image is generated through the same guider and sampler as a graph run,
+//! trained on. Every image is generated through the same [`Guider`] and sampler as a graph run,
 //! then analysed and judged attribute by attribute. A case is adherent when no attribute its
 //! prompt states is wrong.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -17,6 +18,7 @@ use crate::flow::guidance::Guidance;
 use crate::flow::noise::gaussian;
 use crate::flow::sampler::{SamplerKind, sample as run_sampler};
 use crate::flow::schedule::Scheduler;
+use crate::graph::value::Guider;
 use crate::model::{Conditioning, FlowModel, image_from_tensor};
 
 /// The data-set seed evaluation prompts are drawn from (training uses others).
@@ -76,12 +78,12 @@ pub struct Row {
 
 /// Generates and judges every case for every sampler and step count.
 pub fn evaluate(
-    model: &dyn FlowModel,
+    model: &Arc<dyn FlowModel>,
     cases: &[Case],
     settings: &EvalSettings,
     on_row: &mut dyn FnMut(&Row),
 ) -> anyhow::Result<Vec<Row>> {
-    let negative = model.encode_prompt("")?;
+    let negative = Arc::new(model.encode_prompt("")?);
     let positives: Vec<Conditioning> = cases
         .iter()
         .map(|case| model.encode_prompt(&case.caption.text()))
@@ -109,14 +111,13 @@ pub fn evaluate(
                     let start: Vec<&Tensor> = chunk.iter().map(|&i| &starts[i]).collect();
                     (model.batch_conditioning(&list)?, Tensor::cat(&start, 0)?)
                 };
-                let mut field = |x: &Tensor, sigma: f64| -> anyhow::Result<Tensor> {
-                    let cond = model.velocity(x, sigma, &positive)?;
-                    if !settings.guidance.needs_unconditional(sigma) {
-                        return Ok(cond);
-                    }
-                    let uncond = model.velocity(x, sigma, &negative)?;
-                    Ok(settings.guidance.combine(x, sigma, &cond, &uncond)?)
+                let guider = Guider {
+                    model: model.clone(),
+                    positive: Arc::new(positive),
+                    negative: Some(negative.clone()),
+                    guidance: settings.guidance,
                 };
+                let mut field = |x: &Tensor, sigma: f64| guider.velocity(x, sigma);
                 let sigmas = settings.scheduler.sigmas(steps, 1.0);
                 let output = run_sampler(sampler, &mut field, &start, &sigmas, &mut |_| {
                     ControlFlow::Continue(())

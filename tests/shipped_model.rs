@@ -107,7 +107,7 @@ fn held_out_prompts_meet_the_adherence_targets() {
         },
         batch: 30,
     };
-    let rows = evaluate(model.as_ref(), &cases, &settings, &mut |_| {}).unwrap();
+    let rows = evaluate(&model, &cases, &settings, &mut |_| {}).unwrap();
     assert!(rows[0].adherence >= 0.75, "4 steps: {:?}", rows[0]);
     assert!(rows[1].adherence >= 0.90, "16 steps: {:?}", rows[1]);
 }

@@ -115,7 +115,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             row.seconds
         );
     };
-    let rows = match evaluate(model.as_ref(), &cases, &settings, &mut |row| print(row)) {
+    let rows = match evaluate(&model, &cases, &settings, &mut |row| print(row)) {
         Ok(rows) => rows,
         Err(e) => return fail(EXIT_FAILURE, format!("{e:#}")),
     };
