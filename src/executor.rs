@@ -40,13 +40,13 @@ pub enum Command {
     Shutdown,
 }
 
-/// A sampler step as the UI sees it: the record and small RGB previews of x_σ and x̂0.
+/// A sampler step as the UI sees it: the record (with the latents x_σ and x̂0) and the
+/// model's latent→RGB map. The app turns latents into pixels on the GPU, so the executor
+/// spends no time on previews.
 #[derive(Debug, Clone)]
 pub struct StepUpdate {
     pub record: StepRecord,
-    pub canvas_preview: image::RgbImage,
-    pub clean_preview: image::RgbImage,
-    /// The model's latent→RGB map, for previews drawn on the GPU from the latents.
+    /// The model's latent→RGB map, for previews drawn from the latents.
     pub preview: LatentPreview,
     /// When the executor sent it, to measure how fast a consumer shows it.
     pub sent_at: Instant,
@@ -446,25 +446,12 @@ impl Worker {
         let node = id.to_string();
         match event {
             NodeEvent::Step(record, preview) => {
-                let previews = preview
-                    .to_rgb(&record.x)
-                    .and_then(|canvas| Ok((canvas, preview.to_rgb(&record.clean)?)));
-                match previews {
-                    Ok((canvas_preview, clean_preview)) => {
-                        let step = Box::new(StepUpdate {
-                            record,
-                            canvas_preview,
-                            clean_preview,
-                            preview,
-                            sent_at: Instant::now(),
-                        });
-                        self.send(Event::Step { run, node, step });
-                    }
-                    Err(e) => {
-                        let message = format!("no step preview: {e}");
-                        self.send(Event::Warning { run, node, message });
-                    }
-                }
+                let step = Box::new(StepUpdate {
+                    record,
+                    preview,
+                    sent_at: Instant::now(),
+                });
+                self.send(Event::Step { run, node, step });
                 if self.poll(run) {
                     return ControlFlow::Break(());
                 }

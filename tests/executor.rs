@@ -112,8 +112,10 @@ fn every_step_streams_a_record_and_previews() {
     assert_eq!(steps.len(), 16);
     for (i, step) in steps.iter().enumerate() {
         assert_eq!(step.record.index, i);
-        assert_eq!(step.canvas_preview.dimensions(), (64, 64));
-        assert_eq!(step.clean_preview.dimensions(), (64, 64));
+        assert_eq!(step.record.x.dims(), [1, 3, 64, 64]);
+        assert_eq!(step.record.clean.dims(), [1, 3, 64, 64]);
+        let preview = step.preview.to_rgb(&step.record.clean).unwrap();
+        assert_eq!(preview.dimensions(), (64, 64));
     }
     assert_eq!(steps[0].record.sigma, 1.0);
     let straightness = events.iter().find_map(|e| match e {

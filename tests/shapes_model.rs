@@ -104,7 +104,9 @@ fn a_trained_folder_runs_through_the_default_workflow() {
     let previews: Vec<(u32, u32)> = events
         .iter()
         .filter_map(|e| match e {
-            Event::Step { step, .. } => Some(step.canvas_preview.dimensions()),
+            Event::Step { step, .. } => {
+                Some(step.preview.to_rgb(&step.record.x).unwrap().dimensions())
+            }
             _ => None,
         })
         .collect();
