@@ -62,21 +62,7 @@ pub fn save_png_numbered(
     workflow: Option<&String>,
 ) -> anyhow::Result<PathBuf> {
     let mut file = temp_beside(prefix)?;
-    {
-        let mut encoder = png::Encoder::new(
-            BufWriter::new(file.as_file_mut()),
-            image.width(),
-            image.height(),
-        );
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        if let Some(json) = workflow {
-            encoder.add_itxt_chunk(PNG_WORKFLOW_KEY.to_string(), json.clone())?;
-        }
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(image.as_raw())?;
-        writer.finish()?;
-    }
+    encode_png(file.as_file_mut(), image, workflow)?;
     file.as_file().sync_all()?;
     file.as_file()
         .set_permissions(usual_permissions(file.as_file())?)?;
@@ -96,6 +82,56 @@ pub fn save_png_numbered(
         }
     }
     unreachable!("some number is free")
+}
+
+/// Saves `image` as a PNG at `path`, replacing it atomically; `workflow` goes in an iTXt chunk.
+pub fn save_png(
+    path: &Path,
+    image: &image::RgbImage,
+    workflow: Option<&String>,
+) -> anyhow::Result<()> {
+    write_atomic_with(path, |temporary| {
+        encode_png(&mut fs::File::create(temporary)?, image, workflow)
+    })
+}
+
+fn encode_png(
+    file: &mut fs::File,
+    image: &image::RgbImage,
+    workflow: Option<&String>,
+) -> anyhow::Result<()> {
+    let mut encoder = png::Encoder::new(BufWriter::new(file), image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    if let Some(json) = workflow {
+        encoder.add_itxt_chunk(PNG_WORKFLOW_KEY.to_string(), json.clone())?;
+    }
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(image.as_raw())?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// The workflow JSON a PNG saved by Flowline carries, or `None` for a PNG without one.
+pub fn read_png_workflow(path: &Path) -> anyhow::Result<Option<String>> {
+    let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .with_context(|| format!("{} is not a readable PNG", path.display()))?;
+    let info = reader.info();
+    for chunk in &info.utf8_text {
+        if chunk.keyword == PNG_WORKFLOW_KEY {
+            let text = chunk
+                .get_text()
+                .with_context(|| format!("{}: the workflow chunk is corrupt", path.display()))?;
+            return Ok(Some(text));
+        }
+    }
+    Ok(info
+        .uncompressed_latin1_text
+        .iter()
+        .find(|chunk| chunk.keyword == PNG_WORKFLOW_KEY)
+        .map(|chunk| chunk.text.clone()))
 }
 
 fn temp_beside(path: &Path) -> anyhow::Result<NamedTempFile> {
@@ -128,6 +164,8 @@ mod tests {
         let chunk = &reader.info().utf8_text[0];
         assert_eq!(chunk.keyword, PNG_WORKFLOW_KEY);
         assert_eq!(chunk.get_text().unwrap(), json);
+        assert_eq!(read_png_workflow(&first).unwrap(), Some(json.clone()));
+        assert_eq!(read_png_workflow(&second).unwrap(), None);
         assert_eq!(image::open(&second).unwrap().to_rgb8(), image);
         let leftovers = fs::read_dir(dir.path().join("sub")).unwrap().count();
         assert_eq!(leftovers, 2, "no temporary files are left behind");

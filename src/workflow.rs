@@ -137,6 +137,34 @@ impl Workflow {
         })
     }
 
+    /// Reads the workflow embedded in a PNG that Flowline saved.
+    pub fn from_png(path: &Path) -> Result<Self, WorkflowError> {
+        let source_name = path.display().to_string();
+        match crate::files::read_png_workflow(path) {
+            Ok(Some(json)) => Self::from_json(&json, &source_name),
+            Ok(None) => Err(WorkflowError::Content {
+                source_name,
+                message: "this PNG carries no Flowline workflow".into(),
+            }),
+            Err(e) => Err(WorkflowError::Content {
+                source_name,
+                message: format!("{e:#}"),
+            }),
+        }
+    }
+
+    /// Reads a workflow from a `.json` file or from a PNG that carries one.
+    pub fn open(path: &Path) -> Result<Self, WorkflowError> {
+        let is_png = path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+        if is_png {
+            Self::from_png(path)
+        } else {
+            Self::load(path)
+        }
+    }
+
     pub fn to_json(&self) -> String {
         let file = WorkflowFile {
             format: FORMAT.to_string(),
