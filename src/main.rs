@@ -1,7 +1,9 @@
 //! The `flowline` command: a thin layer over the engine library.
 
+mod app;
 mod cli;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -12,7 +14,7 @@ use clap::{Parser, Subcommand};
     version,
     about = "Flow-matching image generation as a node graph",
     long_about = "Flow-matching image generation as a node graph.\n\n\
-                  Without a command, this prints this help; the desktop app comes in a later build."
+                  Without a command, this opens the app on the default workflow."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,6 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Opens the app on a workflow file (or a PNG saved by Flowline).
+    Open {
+        /// The workflow (.json) or image (.png).
+        file: PathBuf,
+    },
     /// Runs a workflow headless and prints the paths of the images it writes.
     Run(cli::run::RunArgs),
     /// Times the default workflow end to end, and the sampler's per-step overhead apart from model time.
@@ -41,10 +48,7 @@ fn main() -> ExitCode {
         Some(Command::Dataset(args)) => cli::dataset::dataset(args),
         Some(Command::Train(args)) => cli::train::train(args),
         Some(Command::Eval(args)) => cli::eval::eval(args),
-        None => {
-            use clap::CommandFactory;
-            let _ = Cli::command().print_long_help();
-            ExitCode::SUCCESS
-        }
+        Some(Command::Open { file }) => app::launch(Some(file)),
+        None => app::launch(None),
     }
 }
