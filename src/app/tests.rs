@@ -96,7 +96,14 @@ impl Fixture {
             self.harness.hover_at(from + (to - from) * (i as f32 / 8.0));
             self.harness.run_steps(1);
         }
-        self.harness.drop_at(to);
+        // Released where it is, with the pointer still there (kittest's drop_at also takes the
+        // pointer away, which no real drop does).
+        self.harness.event(egui::Event::PointerButton {
+            pos: to,
+            button: egui::PointerButton::Primary,
+            pressed: false,
+            modifiers: Modifiers::NONE,
+        });
         self.harness.run_steps(3);
     }
 
@@ -275,6 +282,32 @@ fn wires_connect_matching_ports_and_refuse_others() {
         notice.contains("not connected") && notice.contains("MODEL"),
         "{notice}"
     );
+}
+
+#[test]
+fn a_wire_dropped_on_the_canvas_offers_the_nodes_that_take_it() {
+    let mut fixture = app(false);
+    let from = fixture.pin("decode", "image", true);
+    let empty = fixture.empty_canvas_point();
+    fixture.drag(from, empty);
+    // Only nodes with an IMAGE input are offered.
+    let offered = |title: &str| {
+        fixture
+            .harness
+            .query_by_role_and_label(egui::accesskit::Role::Button, title)
+            .is_some()
+    };
+    assert!(offered("Preview Image") && offered("Save Image"));
+    assert!(!offered("Sampler") && !offered("Load Model"));
+    fixture.harness.get_by_label("Find").type_text("preview");
+    fixture.harness.run_steps(2);
+    fixture.harness.key_press(Key::Enter);
+    fixture.harness.run_steps(3);
+    let graph = fixture.app().document().graph();
+    let link = graph
+        .link_into("preview_image", "image")
+        .expect("the new node is connected to the wire");
+    assert_eq!(link.from.node, "decode");
 }
 
 #[test]
