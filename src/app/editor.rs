@@ -99,12 +99,31 @@ pub struct GraphViewer<'a> {
     pub notice: &'a mut Option<String>,
     /// Node rectangles in graph coordinates, for fitting the view.
     pub node_rects: &'a mut HashMap<NodeId, Rect>,
+    /// The type and side (output or not) of the wire being dragged, as seen last frame.
+    pub wire_drag: Option<(PortType, bool)>,
+    /// Where this frame saw a wire drag start, for the next frame's `wire_drag`.
+    pub wire_drag_seen: &'a mut Option<(PortType, bool)>,
     /// The view transform; set `fit_to` to replace it.
     pub transform: &'a mut TSTransform,
     pub fit_to: Option<TSTransform>,
 }
 
 impl GraphViewer<'_> {
+    /// Records a wire drag that started on the pin beside `zone` (graph coordinates).
+    fn note_wire_start(&mut self, ui: &egui::Ui, zone: Rect, ty: PortType, output: bool) {
+        let origin = ui.input(|i| {
+            i.pointer
+                .primary_down()
+                .then(|| i.pointer.press_origin())
+                .flatten()
+        });
+        if let Some(origin) = origin
+            && zone.contains(self.transform.inverse() * origin)
+        {
+            *self.wire_drag_seen = Some((ty, output));
+        }
+    }
+
     fn param_widget(
         &mut self,
         ui: &mut egui::Ui,
@@ -253,15 +272,23 @@ fn as_text(value: &ParamValue) -> String {
     }
 }
 
-fn port_pin(ty: Option<PortType>, connected: bool) -> PinInfo {
+/// A pin in its type's colour, brighter when connected; while a wire of another type is being
+/// dragged, the pins that would refuse it turn dark grey.
+fn port_pin(ty: Option<PortType>, connected: bool, refused: bool) -> PinInfo {
     let color = ty.map_or(Color32::GRAY, port_color);
-    let pin = PinInfo::circle().with_fill(if connected {
+    let fill = if refused {
+        Color32::from_gray(60)
+    } else if connected {
         color
     } else {
         color.gamma_multiply(0.6)
-    });
-    pin.with_wire_color(color)
+    };
+    PinInfo::circle().with_fill(fill).with_wire_color(color)
 }
+
+/// How far beside its label a pin is looked for (graph units): the pin and the gap before
+/// the label.
+const PIN_ZONE: f32 = 22.0;
 
 impl SnarlViewer<Node> for GraphViewer<'_> {
     fn title(&mut self, node: &Node) -> String {
@@ -320,15 +347,24 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         snarl: &mut Snarl<Node>,
     ) -> impl SnarlPin + 'static {
         let port = spec_of(&snarl[pin.id.node]).and_then(|s| s.inputs.get(pin.id.input));
-        if let Some(port) = port {
-            let label = if port.optional {
-                format!("{} (optional)", port.name)
-            } else {
-                port.name.to_string()
-            };
-            ui.label(label).on_hover_text(port.ty.to_string());
-        }
-        port_pin(port.map(|p| p.ty), !pin.remotes.is_empty())
+        let Some(port) = port else {
+            return port_pin(None, false, false);
+        };
+        let label = if port.optional {
+            format!("{} (optional)", port.name)
+        } else {
+            port.name.to_string()
+        };
+        let label = ui.label(label).on_hover_text(port.ty.to_string());
+        let zone = Rect::from_min_max(
+            egui::pos2(label.rect.left() - PIN_ZONE, label.rect.top()),
+            egui::pos2(label.rect.left(), label.rect.bottom()),
+        );
+        self.note_wire_start(ui, zone, port.ty, false);
+        let refused = self
+            .wire_drag
+            .is_some_and(|(ty, from_output)| from_output && ty != port.ty);
+        port_pin(Some(port.ty), !pin.remotes.is_empty(), refused)
     }
 
     fn show_output(
@@ -338,10 +374,19 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         snarl: &mut Snarl<Node>,
     ) -> impl SnarlPin + 'static {
         let port = spec_of(&snarl[pin.id.node]).and_then(|s| s.outputs.get(pin.id.output));
-        if let Some(port) = port {
-            ui.label(port.name).on_hover_text(port.ty.to_string());
-        }
-        port_pin(port.map(|p| p.ty), !pin.remotes.is_empty())
+        let Some(port) = port else {
+            return port_pin(None, false, false);
+        };
+        let label = ui.label(port.name).on_hover_text(port.ty.to_string());
+        let zone = Rect::from_min_max(
+            egui::pos2(label.rect.right(), label.rect.top()),
+            egui::pos2(label.rect.right() + PIN_ZONE, label.rect.bottom()),
+        );
+        self.note_wire_start(ui, zone, port.ty, true);
+        let refused = self
+            .wire_drag
+            .is_some_and(|(ty, from_output)| !from_output && ty != port.ty);
+        port_pin(Some(port.ty), !pin.remotes.is_empty(), refused)
     }
 
     fn has_body(&mut self, node: &Node) -> bool {

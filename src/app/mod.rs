@@ -125,6 +125,8 @@ pub struct FlowlineApp {
     node_rects: HashMap<NodeId, egui::Rect>,
     transform: TSTransform,
     fit_requested: bool,
+    /// The wire being dragged (its type and whether it comes from an output), if any.
+    wire_drag: Option<(flowline::graph::PortType, bool)>,
     /// The step the scrubber shows; `None` follows the newest step.
     scrub: Option<usize>,
     frames: Vec<StepFrames>,
@@ -179,6 +181,7 @@ impl FlowlineApp {
             node_rects: HashMap::new(),
             transform: TSTransform::IDENTITY,
             fit_requested: true,
+            wire_drag: None,
             scrub: None,
             frames: Vec::new(),
             traces: Vec::new(),
@@ -646,7 +649,10 @@ impl FlowlineApp {
         let Document {
             snarl, ui_state, ..
         } = &mut self.doc;
+        let mut wire_drag_seen = None;
         let mut viewer = GraphViewer {
+            wire_drag: self.wire_drag,
+            wire_drag_seen: &mut wire_drag_seen,
             runs: &self.runs,
             ui_state,
             search: &mut self.search,
@@ -672,6 +678,7 @@ impl FlowlineApp {
                 .show(snarl, &mut viewer, ui);
         self.node_rects
             .retain(|id, _| self.doc.snarl.get_node(*id).is_some());
+        self.wire_drag = wire_drag_seen;
         let double_clicked = ui.input(|i| {
             i.pointer
                 .button_double_clicked(egui::PointerButton::Primary)

@@ -269,9 +269,27 @@ fn wires_connect_matching_ports_and_refuse_others() {
         ("decode", "image")
     );
 
-    // A MODEL output does not go into an IMAGE input.
+    // A MODEL output does not go into an IMAGE input: while it is dragged the IMAGE pins
+    // show they refuse it, and dropping it there connects nothing.
     let from = fixture.pin("model", "model", true);
-    fixture.drag(from, to);
+    fixture.harness.hover_at(from);
+    fixture.harness.run_steps(1);
+    fixture.harness.drag_at(from);
+    fixture.harness.run_steps(1);
+    fixture.harness.hover_at(to);
+    fixture.harness.run_steps(2);
+    assert_eq!(
+        fixture.app().wire_drag,
+        Some((flowline::graph::PortType::Model, true))
+    );
+    fixture.harness.event(egui::Event::PointerButton {
+        pos: to,
+        button: egui::PointerButton::Primary,
+        pressed: false,
+        modifiers: Modifiers::NONE,
+    });
+    fixture.harness.run_steps(3);
+    assert_eq!(fixture.app().wire_drag, None);
     let graph = fixture.app().document().graph();
     assert_eq!(
         graph.link_into("save", "image").unwrap().from.node,
