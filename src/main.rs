@@ -31,6 +31,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Trains the embedded shapes model.
     Train(cli::train::TrainArgs),
+    /// Lists models found in the Hugging Face cache and a ComfyUI-style models folder.
+    Models(cli::models::ModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Some(Command::Dataset(args)) => cli::dataset::dataset(args),
         Some(Command::Train(args)) => cli::train::train(args),
         Some(Command::Eval(args)) => cli::eval::eval(args),
+        Some(Command::Models(args)) => cli::models::models(args),
         None => {
             use clap::CommandFactory;
             let _ = Cli::command().print_long_help();

@@ -4,10 +4,14 @@
 //! network and autoencoder — so the graph and the sampler never care which family they drive.
 //! Families are found by name in [`FAMILIES`]; each derives its configuration from its files.
 
+pub mod checkpoint;
+pub mod discovery;
 pub mod exemplar;
+pub mod flux;
+pub mod locate;
 pub mod shapes;
+pub mod text_encoders;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,6 +27,9 @@ pub struct Conditioning {
     pub prompt: String,
     /// Things the user should know, e.g. words the tokenizer does not know and dropped.
     pub warnings: Vec<String>,
+    /// The guidance strength for networks distilled to take it as an input (FLUX.1 [dev]),
+    /// set by the CFG node; `None` leaves the family's default.
+    pub distilled_guidance: Option<f64>,
 }
 
 /// A linear latent→RGB map, `rgb = matrix · latent + bias`, good enough to watch a run.
@@ -98,14 +105,21 @@ pub struct Family {
     pub description: &'static str,
     /// Whether the family needs a path (built-in models do not).
     pub needs_path: bool,
-    pub load: fn(&Path, &Device) -> anyhow::Result<Arc<dyn FlowModel>>,
+    pub load: fn(&LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>>,
 }
 
+pub use locate::LoadRequest;
+
 /// Every model family, by name.
-pub const FAMILIES: &[Family] = &[exemplar::FAMILY, shapes::FAMILY];
+pub const FAMILIES: &[Family] = &[exemplar::FAMILY, shapes::FAMILY, flux::SCHNELL, flux::DEV];
 
 /// The names of [`FAMILIES`], for the Load Model node's choice.
-pub const FAMILY_NAMES: &[&str] = &[exemplar::FAMILY.name, shapes::FAMILY.name];
+pub const FAMILY_NAMES: &[&str] = &[
+    exemplar::FAMILY.name,
+    shapes::FAMILY.name,
+    flux::SCHNELL.name,
+    flux::DEV.name,
+];
 
 pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)

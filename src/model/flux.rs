@@ -1,0 +1,560 @@
+//! FLUX.1 [schnell] and [dev] from the user's own files, run by candle-transformers' FLUX
+//! transformer and autoencoder under Flowline's sampler.
+//!
+//! Pieces: the transformer (`flux1-schnell.safetensors` / `flux1-dev.safetensors`, original
+//! layout, optionally inside a single-file checkpoint under `model.diffusion_model.`), the
+//! autoencoder (`ae.safetensors`), CLIP-L, T5-XXL and the two `tokenizer.json` files. Every
+//! network size is read from the tensor shapes, so pruned and tiny variants load as well.
+//!
+//! The transformer sees the latent as 2×2 patches ("packed"), the noise level as `t = σ` (it
+//! scales by 1000 itself) and, for [dev], the distilled guidance strength; it predicts
+//! `ε − x0`, which is Flowline's velocity, so its output is used as is. The autoencoder's
+//! latents are normalised as `(z − 0.1159) · 0.3611`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::Module;
+use candle_transformers::models::flux::WithForward;
+use candle_transformers::models::flux::autoencoder::{
+    Config as AutoencoderConfig, Decoder, Encoder,
+};
+use candle_transformers::models::flux::model::{Config as TransformerConfig, Flux};
+use candle_transformers::models::flux::sampling::{State, unpack};
+
+use super::checkpoint::{Piece, available_memory, check_fits, human_bytes};
+use super::locate::{LoadRequest, Locator, WeightSpec};
+use super::text_encoders::{
+    CLIP_L, CLIP_TOKENIZER_NAMES, ClipEncoder, PromptTokenizer, T5_TOKENIZER_NAMES, T5_XXL,
+    T5Encoder, t5_dtype,
+};
+use super::{Conditioning, Family, FlowModel, LatentPreview};
+use crate::nodes::InputError;
+
+pub const SCHNELL: Family = Family {
+    name: "flux-schnell",
+    description: "FLUX.1 [schnell] (4 steps, no guidance) from your own files",
+    needs_path: true,
+    load: load_schnell,
+};
+
+pub const DEV: Family = Family {
+    name: "flux-dev",
+    description: "FLUX.1 [dev] (distilled guidance) from your own files",
+    needs_path: true,
+    load: load_dev,
+};
+
+/// The distilled guidance FLUX.1 [dev] gets when the conditioning names none.
+pub const DEFAULT_DISTILLED_GUIDANCE: f64 = 3.5;
+/// The autoencoder's latent normalisation (Black Forest Labs' `flux/util.py`).
+pub const LATENT_SCALE: f64 = 0.3611;
+pub const LATENT_SHIFT: f64 = 0.1159;
+/// The autoencoder runs at f32 whatever the precision: it is small (84 M parameters, a few
+/// hundred MiB), half precision costs its convolutions visible detail, and candle's CPU
+/// matmul has no bf16 path for its attention block.
+const AUTOENCODER_DTYPE: DType = DType::F32;
+/// Latent channels of the FLUX autoencoder; the preview factors are for these.
+const LATENT_CHANNELS: usize = 16;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Variant {
+    Schnell,
+    Dev,
+}
+
+impl Variant {
+    fn title(self) -> &'static str {
+        match self {
+            Variant::Schnell => "FLUX.1 [schnell]",
+            Variant::Dev => "FLUX.1 [dev]",
+        }
+    }
+
+    fn family(self) -> &'static str {
+        match self {
+            Variant::Schnell => SCHNELL.name,
+            Variant::Dev => DEV.name,
+        }
+    }
+
+    /// T5 tokens of a prompt, as each release was trained.
+    fn t5_tokens(self) -> usize {
+        match self {
+            Variant::Schnell => 256,
+            Variant::Dev => 512,
+        }
+    }
+
+    fn transformer(self) -> WeightSpec {
+        WeightSpec {
+            role: "the FLUX transformer",
+            param: "transformer",
+            probe: "img_in.weight",
+            prefixes: &["", "model.diffusion_model."],
+            main: true,
+            names: match self {
+                Variant::Schnell => &[
+                    "flux1-schnell*.safetensors",
+                    "unet/flux1-schnell*.safetensors",
+                    "diffusion_models/flux1-schnell*.safetensors",
+                ],
+                Variant::Dev => &[
+                    "flux1-dev*.safetensors",
+                    "unet/flux1-dev*.safetensors",
+                    "diffusion_models/flux1-dev*.safetensors",
+                ],
+            },
+        }
+    }
+}
+
+const AUTOENCODER: WeightSpec = WeightSpec {
+    role: "the FLUX autoencoder",
+    param: "vae",
+    probe: "decoder.conv_in.weight",
+    prefixes: &["", "vae.", "first_stage_model."],
+    main: false,
+    names: &[
+        "ae.safetensors",
+        "vae/ae.safetensors",
+        "../vae/ae.safetensors",
+    ],
+};
+
+/// Latent→RGB factors for FLUX latents, from ComfyUI's `comfy/latent_formats.py` (class
+/// `Flux`, fitted by its authors against decoded images). ComfyUI maps latents to [−1, 1]; the
+/// preview here maps to [0, 1], so the factors and bias are halved and the bias moved by ½ in
+/// [`preview`].
+const PREVIEW_FACTORS: [[f32; LATENT_CHANNELS]; 3] = [
+    [
+        -0.0346, 0.0034, 0.0275, -0.0174, 0.0859, 0.0004, 0.0405, -0.0236, -0.0245, 0.1008,
+        -0.0515, 0.0428, 0.0817, -0.1264, -0.0280, -0.1262,
+    ],
+    [
+        0.0244, 0.0210, -0.0668, 0.0160, 0.0721, 0.0383, 0.0861, -0.0185, 0.0250, 0.0755, 0.0201,
+        -0.0012, 0.0765, -0.0522, -0.0881, -0.0982,
+    ],
+    [
+        0.0681, 0.0687, -0.0433, 0.0617, 0.0329, 0.0115, 0.0915, -0.0259, 0.1180, -0.0421, 0.0011,
+        -0.0036, 0.0749, -0.1103, -0.0499, -0.0778,
+    ],
+];
+const PREVIEW_BIAS: [f32; 3] = [-0.0329, -0.0718, -0.0851];
+
+/// A [−1, 1] latent→RGB map (ComfyUI's convention) as a [0, 1] [`LatentPreview`].
+pub fn preview_from_signed(factors: &[[f32; 16]; 3], bias: [f32; 3]) -> LatentPreview {
+    LatentPreview {
+        matrix: factors.map(|row| row.iter().map(|f| f / 2.0).collect()),
+        bias: bias.map(|b| (b + 1.0) / 2.0),
+    }
+}
+
+fn load_schnell(request: &LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>> {
+    Ok(Arc::new(FluxModel::load(request, Variant::Schnell)?))
+}
+
+fn load_dev(request: &LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>> {
+    Ok(Arc::new(FluxModel::load(request, Variant::Dev)?))
+}
+
+/// The prompt encoders: where they are, and the loaded networks while they are kept.
+struct TextStage {
+    clip: Piece,
+    t5: Piece,
+    clip_tokenizer: PromptTokenizer,
+    t5_tokenizer: PromptTokenizer,
+    keep: bool,
+    loaded: Mutex<Option<(ClipEncoder, T5Encoder)>>,
+}
+
+/// A loaded FLUX.1 model.
+pub struct FluxModel {
+    variant: Variant,
+    transformer: Flux,
+    guidance_input: bool,
+    encoder: Encoder,
+    decoder: Decoder,
+    /// Image pixels per latent position along each side.
+    downsample: usize,
+    text: TextStage,
+    dtype: DType,
+    device: Device,
+    preview: LatentPreview,
+    description: String,
+}
+
+impl FluxModel {
+    fn load(request: &LoadRequest, variant: Variant) -> anyhow::Result<FluxModel> {
+        let locator = Locator::new(request)?;
+        let transformer = locator.weights(&variant.transformer())?;
+        let guidance_input = transformer.has("guidance_in.in_layer.weight");
+        let found = if guidance_input {
+            Variant::Dev
+        } else {
+            Variant::Schnell
+        };
+        if found != variant {
+            return Err(InputError(format!(
+                "{} is a {} transformer, not {}: set the Load Model family to {}",
+                transformer.location(),
+                found.title(),
+                variant.title(),
+                found.family()
+            ))
+            .into());
+        }
+        let autoencoder = locator.weights(&AUTOENCODER)?;
+        let clip = locator.weights(&CLIP_L)?;
+        let t5 = locator.weights(&T5_XXL)?;
+        let beside = |piece: &Piece| {
+            piece.files[0]
+                .parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default()
+        };
+        let clip_tokenizer = PromptTokenizer::clip(&locator.file(
+            "the CLIP tokenizer (tokenizer.json)",
+            "clip_tokenizer",
+            CLIP_TOKENIZER_NAMES,
+            &beside(&clip),
+        )?)?;
+        let t5_tokenizer = PromptTokenizer::t5(&locator.file(
+            "the T5 tokenizer (tokenizer.json)",
+            "t5_tokenizer",
+            T5_TOKENIZER_NAMES,
+            &beside(&t5),
+        )?)?;
+
+        let transformer_config = transformer_config(&transformer)?;
+        let autoencoder_config = autoencoder_config(&autoencoder)?;
+        check_agreement(
+            &transformer,
+            &transformer_config,
+            &autoencoder,
+            &autoencoder_config,
+        )?;
+        check_agreement_text(&transformer, &transformer_config, &clip, &t5)?;
+
+        let dtype = request.dtype;
+        let needed = transformer.loaded_bytes(dtype)
+            + autoencoder.loaded_bytes(AUTOENCODER_DTYPE)
+            + clip.loaded_bytes(dtype)
+            + t5.loaded_bytes(t5_dtype(dtype));
+        if request.device.is_cpu() {
+            check_fits(variant.title(), needed, available_memory())?;
+        }
+        let device = &request.device;
+        let network = Flux::new(&transformer_config, transformer.var_builder(dtype, device)?)
+            .map_err(|e| transformer.load_error(e))?;
+        let vb = autoencoder.var_builder(AUTOENCODER_DTYPE, device)?;
+        let encoder = Encoder::new(&autoencoder_config, vb.pp("encoder"))
+            .map_err(|e| autoencoder.load_error(e))?;
+        let decoder = Decoder::new(&autoencoder_config, vb.pp("decoder"))
+            .map_err(|e| autoencoder.load_error(e))?;
+        let description = format!(
+            "{} ({} double + {} single blocks, width {}; {:?} on {:?}; about {} of weights)",
+            variant.title(),
+            transformer_config.depth,
+            transformer_config.depth_single_blocks,
+            transformer_config.hidden_size,
+            dtype,
+            device.location(),
+            human_bytes(needed)
+        );
+        let model = FluxModel {
+            variant,
+            transformer: network,
+            guidance_input,
+            encoder,
+            decoder,
+            downsample: 1 << (autoencoder_config.ch_mult.len() - 1),
+            text: TextStage {
+                clip,
+                t5,
+                clip_tokenizer,
+                t5_tokenizer,
+                keep: request.keep_text_encoders,
+                loaded: Mutex::new(None),
+            },
+            dtype,
+            device: device.clone(),
+            preview: preview_from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS),
+            description,
+        };
+        Ok(model)
+    }
+
+    /// Loads the text encoders unless they are kept loaded.
+    fn text_encoders(&self) -> anyhow::Result<(ClipEncoder, T5Encoder)> {
+        let dtype = self.dtype;
+        Ok((
+            ClipEncoder::load(&self.text.clip, dtype, &self.device)?,
+            T5Encoder::load(&self.text.t5, t5_dtype(dtype), &self.device)?,
+        ))
+    }
+}
+
+/// The transformer's configuration, from its tensor shapes.
+fn transformer_config(piece: &Piece) -> anyhow::Result<TransformerConfig> {
+    let (hidden_size, in_channels) = (
+        piece.dim("img_in.weight", 2, 0)?,
+        piece.dim("img_in.weight", 2, 1)?,
+    );
+    let norm = "double_blocks.0.img_attn.norm.query_norm.scale";
+    let head_dim = piece.dim(norm, 1, 0)?;
+    // The rotary embedding splits each head over (image index, row, column) as 16/56/56 of
+    // 128 channels in the released models; the same proportions serve smaller heads.
+    let first = head_dim / 8;
+    let axes_dim = vec![first, (head_dim - first) / 2, (head_dim - first) / 2];
+    if head_dim == 0
+        || hidden_size % head_dim != 0
+        || axes_dim.iter().sum::<usize>() != head_dim
+        || axes_dim.iter().any(|a| a % 2 == 1)
+    {
+        return Err(piece
+            .shape_error(
+                norm,
+                &format!("a head width that divides {hidden_size} and is a multiple of 32"),
+                piece.shape(norm)?,
+            )
+            .into());
+    }
+    let mlp = piece.dim("double_blocks.0.img_mlp.0.weight", 2, 0)?;
+    Ok(TransformerConfig {
+        in_channels,
+        vec_in_dim: piece.dim("vector_in.in_layer.weight", 2, 1)?,
+        context_in_dim: piece.dim("txt_in.weight", 2, 1)?,
+        hidden_size,
+        mlp_ratio: mlp as f64 / hidden_size as f64,
+        num_heads: hidden_size / head_dim,
+        depth: piece.count_blocks("double_blocks"),
+        depth_single_blocks: piece.count_blocks("single_blocks"),
+        axes_dim,
+        theta: 10_000,
+        qkv_bias: piece.has("double_blocks.0.img_attn.qkv.bias"),
+        guidance_embed: piece.has("guidance_in.in_layer.weight"),
+    })
+}
+
+/// The autoencoder's configuration, from its tensor shapes.
+fn autoencoder_config(piece: &Piece) -> anyhow::Result<AutoencoderConfig> {
+    let ch = piece.dim("encoder.conv_in.weight", 4, 0)?;
+    let levels = piece.count_blocks("encoder.down");
+    let ch_mult = (0..levels)
+        .map(|level| {
+            let conv = format!("encoder.down.{level}.block.0.conv1.weight");
+            Ok(piece.dim(&conv, 4, 0)? / ch)
+        })
+        .collect::<Result<Vec<_>, InputError>>()?;
+    if levels == 0 {
+        piece.shape("encoder.down.0.block.0.conv1.weight")?;
+    }
+    Ok(AutoencoderConfig {
+        resolution: 256,
+        in_channels: piece.dim("encoder.conv_in.weight", 4, 1)?,
+        ch,
+        out_ch: piece.dim("decoder.conv_out.weight", 4, 0)?,
+        ch_mult,
+        num_res_blocks: piece.count_blocks("encoder.down.0.block"),
+        z_channels: piece.dim("decoder.conv_in.weight", 4, 1)?,
+        scale_factor: LATENT_SCALE,
+        shift_factor: LATENT_SHIFT,
+    })
+}
+
+/// The transformer and the autoencoder must agree on the packed latent width.
+fn check_agreement(
+    transformer: &Piece,
+    transformer_config: &TransformerConfig,
+    autoencoder: &Piece,
+    autoencoder_config: &AutoencoderConfig,
+) -> Result<(), InputError> {
+    let z = autoencoder_config.z_channels;
+    if z != LATENT_CHANNELS {
+        return Err(autoencoder.shape_error(
+            "decoder.conv_in.weight",
+            &format!("{LATENT_CHANNELS} latent channels (a FLUX autoencoder)"),
+            autoencoder.shape("decoder.conv_in.weight")?,
+        ));
+    }
+    if transformer_config.in_channels != 4 * z {
+        return Err(InputError(format!(
+            "{} takes {} input channels, but the autoencoder {} makes {z}-channel latents \
+             (packed 2×2: {}); they are not from the same model",
+            transformer.location(),
+            transformer_config.in_channels,
+            autoencoder.location(),
+            4 * z
+        )));
+    }
+    Ok(())
+}
+
+/// The text encoders' widths must be what the transformer takes.
+fn check_agreement_text(
+    transformer: &Piece,
+    config: &TransformerConfig,
+    clip: &Piece,
+    t5: &Piece,
+) -> Result<(), InputError> {
+    let clip_width = clip.dim("text_model.embeddings.token_embedding.weight", 2, 1)?;
+    let t5_name = if t5.has("shared.weight") {
+        "shared.weight"
+    } else {
+        "encoder.embed_tokens.weight"
+    };
+    let t5_width = t5.dim(t5_name, 2, 1)?;
+    for (piece, width, takes, input) in [
+        (clip, clip_width, config.vec_in_dim, "vector_in"),
+        (t5, t5_width, config.context_in_dim, "txt_in"),
+    ] {
+        if width != takes {
+            return Err(InputError(format!(
+                "{} makes {width}-wide embeddings but {}'s {input} takes {takes}: they are not \
+                 from the same model",
+                piece.location(),
+                transformer.location()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl FlowModel for FluxModel {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn latent_shape(&self, width: usize, height: usize) -> anyhow::Result<Vec<usize>> {
+        let multiple = 2 * self.downsample;
+        if !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
+            return Err(InputError(format!(
+                "{} draws sizes that are multiples of {multiple} pixels, not {width}×{height}",
+                self.variant.title()
+            ))
+            .into());
+        }
+        Ok(vec![
+            1,
+            LATENT_CHANNELS,
+            height / self.downsample,
+            width / self.downsample,
+        ])
+    }
+
+    fn image_tokens(&self, shape: &[usize]) -> usize {
+        shape[2..].iter().map(|side| side / 2).product()
+    }
+
+    fn encode_prompt(&self, text: &str) -> anyhow::Result<Conditioning> {
+        let mut loaded = self
+            .text
+            .loaded
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a previous prompt encoding failed midway"))?;
+        let (clip, mut t5) = match loaded.take() {
+            Some(encoders) => encoders,
+            None => self.text_encoders()?,
+        };
+        let clip_tokens = self.text.clip_tokenizer.tokens(text, clip.max_tokens)?;
+        let t5_tokens = self
+            .text
+            .t5_tokenizer
+            .tokens(text, self.variant.t5_tokens())?;
+        let (_, pooled) = clip.encode(&clip_tokens, &self.device)?;
+        let context = t5.encode(&t5_tokens, &self.device)?;
+        if self.text.keep {
+            *loaded = Some((clip, t5));
+        }
+        let mut warnings = Vec::new();
+        for (encoder, tokens) in [("CLIP", &clip_tokens), ("T5", &t5_tokens)] {
+            if tokens.truncated > 0 {
+                warnings.push(format!(
+                    "the prompt is too long for {encoder}: its last {} tokens were cut",
+                    tokens.truncated
+                ));
+            }
+        }
+        Ok(Conditioning {
+            context: context.to_dtype(self.dtype)?,
+            pooled: Some(pooled.to_dtype(self.dtype)?),
+            prompt: text.to_string(),
+            warnings,
+            distilled_guidance: None,
+        })
+    }
+
+    fn velocity(&self, x: &Tensor, sigma: f64, cond: &Conditioning) -> anyhow::Result<Tensor> {
+        let pooled = cond.pooled.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("FLUX needs a pooled CLIP vector in its conditioning")
+        })?;
+        let (_, _, height, width) = x.dims4()?;
+        let state = State::new(&cond.context, pooled, &x.to_dtype(self.dtype)?)?;
+        let timesteps = Tensor::full(sigma as f32, 1, &self.device)?.to_dtype(self.dtype)?;
+        let guidance = if self.guidance_input {
+            let strength = cond
+                .distilled_guidance
+                .unwrap_or(DEFAULT_DISTILLED_GUIDANCE);
+            Some(Tensor::full(strength as f32, 1, &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        let packed = self.transformer.forward(
+            &state.img,
+            &state.img_ids,
+            &state.txt,
+            &state.txt_ids,
+            &timesteps,
+            &state.vec,
+            guidance.as_ref(),
+        )?;
+        // `unpack` takes the image size in pixels of FLUX's 8× autoencoder.
+        Ok(unpack(&packed, height * 8, width * 8)?.to_dtype(DType::F32)?)
+    }
+
+    fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor> {
+        let z = ((latent.to_dtype(AUTOENCODER_DTYPE)? / LATENT_SCALE)? + LATENT_SHIFT)?;
+        let image = self.decoder.forward(&z)?.to_dtype(DType::F32)?;
+        Ok(((image + 1.0)? / 2.0)?.clamp(0f32, 1f32)?.squeeze(0)?)
+    }
+
+    fn encode_image(&self, image: &Tensor) -> anyhow::Result<Tensor> {
+        let (_, height, width) = image.dims3()?;
+        self.latent_shape(width, height)?;
+        let pixels = ((image.to_device(&self.device)? * 2.0)? - 1.0)?
+            .unsqueeze(0)?
+            .to_dtype(AUTOENCODER_DTYPE)?;
+        // The encoder gives mean and log-variance; the mean is the latent (no sampling, so an
+        // image always encodes the same way).
+        let moments = self.encoder.forward(&pixels)?;
+        let mean = moments
+            .narrow(1, 0, LATENT_CHANNELS)?
+            .to_dtype(DType::F32)?;
+        Ok(((mean - LATENT_SHIFT)? * LATENT_SCALE)?)
+    }
+
+    fn preview(&self) -> &LatentPreview {
+        &self.preview
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_preview_maps_comfyui_signed_factors_to_unit_range() {
+        let preview = preview_from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS);
+        // A zero latent shows ComfyUI's bias, moved from [−1, 1] to [0, 1].
+        for (shown, bias) in preview.bias.iter().zip(PREVIEW_BIAS) {
+            assert!((shown - (bias + 1.0) / 2.0).abs() < 1e-7);
+        }
+        assert_eq!(preview.matrix[0].len(), LATENT_CHANNELS);
+        assert_eq!(preview.matrix[2][8], PREVIEW_FACTORS[2][8] / 2.0);
+    }
+}
