@@ -440,7 +440,7 @@ fn write(path: &Path, text: &str) {
 }
 
 fn load(family_name: &str, path: &Path) -> anyhow::Result<std::sync::Arc<dyn FlowModel>> {
-    (family(family_name).unwrap().load)(&LoadRequest::new(path, &Device::Cpu))
+    (family(family_name).unwrap().load)(&LoadRequest::new(path, &Device::Cpu), &mut |_| {})
 }
 
 fn load_error(family_name: &str, path: &Path) -> String {
@@ -567,6 +567,78 @@ fn the_distilled_guidance_reaches_flux_dev_and_schnell_has_none() {
         .to_scalar()
         .unwrap();
     assert_eq!(diff, 0.0, "schnell has no guidance input");
+}
+
+/// Flowline's velocity, Euler-stepped by Flowline's convention `x ← x + (σ_next − σ)·v`, must
+/// land where candle's own FLUX denoise loop (a port of Black Forest Labs' reference) lands:
+/// same packing, timestep scale, guidance input and sign.
+#[test]
+fn an_euler_step_matches_candles_reference_flux_loop() {
+    use candle_transformers::models::flux::model::{Config, Flux};
+    use candle_transformers::models::flux::sampling::{State, denoise, unpack};
+
+    let dir = tempfile::tempdir().unwrap();
+    let folder = flat_folder(dir.path(), true);
+    let model = load("flux-dev", &folder).unwrap();
+    let cond = model.encode_prompt("a red star").unwrap();
+    let x = flowline::flow::noise::gaussian(11, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let (sigma, next) = (0.8, 0.55);
+    let ours = (&x + model.velocity(&x, sigma, &cond).unwrap() * (next - sigma)).unwrap();
+
+    let config = Config {
+        in_channels: 64,
+        vec_in_dim: CLIP_WIDTH,
+        context_in_dim: T5_WIDTH,
+        hidden_size: HIDDEN,
+        mlp_ratio: 4.0,
+        num_heads: HIDDEN / HEAD,
+        depth: 2,
+        depth_single_blocks: 1,
+        axes_dim: vec![4, 14, 14],
+        theta: 10_000,
+        qkv_bias: true,
+        guidance_embed: true,
+    };
+    let file = folder.join("flux1-dev.safetensors");
+    // SAFETY: the test wrote the file and nothing changes it while it is mapped.
+    let vb = unsafe {
+        candle_nn::VarBuilder::from_mmaped_safetensors(&[file], DType::F32, &Device::Cpu)
+    }
+    .unwrap();
+    let reference = Flux::new(&config, vb).unwrap();
+    let pooled = cond.pooled.as_ref().unwrap();
+    let state = State::new(&cond.context, pooled, &x).unwrap();
+    let guidance = flowline::model::flux::DEFAULT_DISTILLED_GUIDANCE;
+    let packed = denoise(
+        &reference,
+        &state.img,
+        &state.img_ids,
+        &state.txt,
+        &state.txt_ids,
+        &state.vec,
+        &[sigma, next],
+        guidance,
+    )
+    .unwrap();
+    let theirs = unpack(&packed, SIDE, SIDE).unwrap();
+    let difference: f32 = (&ours - &theirs)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(difference < 1e-4, "{difference}");
+    let moved: f32 = (&ours - &x)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(moved > 1e-3, "the step moved nothing ({moved})");
 }
 
 #[test]
@@ -696,7 +768,7 @@ fn a_missing_piece_says_what_and_where_it_looked() {
     request
         .pieces
         .insert("vae".into(), elsewhere.join("my-vae.safetensors"));
-    let error = match (family("flux-schnell").unwrap().load)(&request) {
+    let error = match (family("flux-schnell").unwrap().load)(&request, &mut |_| {}) {
         Ok(_) => panic!("loaded without a T5 tokenizer"),
         Err(e) => format!("{e:#}"),
     };
@@ -771,6 +843,10 @@ fn the_command_line_runs_flux_schnell_and_exits_2_on_a_bad_path() {
     let output = flowline(&args);
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("loading FLUX.1 [schnell] at BF16: about"),
+        "the memory a load needs is shown before it: {stderr}"
+    );
     let stdout = String::from_utf8(output.stdout).unwrap();
     let image = image::open(stdout.trim()).unwrap();
     assert_eq!((image.width(), image.height()), (32, 32));

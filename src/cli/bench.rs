@@ -159,7 +159,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ => FAMILY_NAMES[0].to_string(),
     };
     let family = family(&family_name).with_context(|| format!("no model family {family_name}"))?;
-    let model = (family.load)(&LoadRequest::new("", &Device::Cpu))?;
+    let model = (family.load)(&LoadRequest::new("", &Device::Cpu), &mut |_| {})?;
     let shape = model.latent_shape(64, 64)?;
     let conditioning = model.encode_prompt("a red circle")?;
     let x = gaussian(3, shape, &Device::Cpu)?;

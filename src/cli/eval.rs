@@ -60,7 +60,9 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         }
     }
     let folder = args.model.clone().unwrap_or_default();
-    let model = match (family.load)(&LoadRequest::new(folder, &Device::Cpu)) {
+    let model = match (family.load)(&LoadRequest::new(folder, &Device::Cpu), &mut |line| {
+        println!("{line}")
+    }) {
         Ok(m) => m,
         Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
     };

@@ -38,7 +38,10 @@ const EXEMPLAR_SEED: u64 = 0x5EED_E4E3;
 /// Smallest σ the posterior is evaluated at (the sampler never evaluates at σ = 0).
 const MIN_SIGMA: f64 = 1e-4;
 
-fn load(request: &LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>> {
+fn load(
+    request: &LoadRequest,
+    _report: &mut dyn FnMut(String),
+) -> anyhow::Result<Arc<dyn FlowModel>> {
     Ok(Arc::new(ExemplarModel {
         device: request.device.clone(),
         preview: LatentPreview {

@@ -150,12 +150,22 @@ pub fn preview_from_signed(factors: &[[f32; 16]; 3], bias: [f32; 3]) -> LatentPr
     }
 }
 
-fn load_schnell(request: &LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>> {
-    Ok(Arc::new(FluxModel::load(request, Variant::Schnell)?))
+fn load_schnell(
+    request: &LoadRequest,
+    report: &mut dyn FnMut(String),
+) -> anyhow::Result<Arc<dyn FlowModel>> {
+    Ok(Arc::new(FluxModel::load(
+        request,
+        Variant::Schnell,
+        report,
+    )?))
 }
 
-fn load_dev(request: &LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>> {
-    Ok(Arc::new(FluxModel::load(request, Variant::Dev)?))
+fn load_dev(
+    request: &LoadRequest,
+    report: &mut dyn FnMut(String),
+) -> anyhow::Result<Arc<dyn FlowModel>> {
+    Ok(Arc::new(FluxModel::load(request, Variant::Dev, report)?))
 }
 
 /// The prompt encoders: where they are, and the loaded networks while they are kept.
@@ -185,7 +195,11 @@ pub struct FluxModel {
 }
 
 impl FluxModel {
-    fn load(request: &LoadRequest, variant: Variant) -> anyhow::Result<FluxModel> {
+    fn load(
+        request: &LoadRequest,
+        variant: Variant,
+        report: &mut dyn FnMut(String),
+    ) -> anyhow::Result<FluxModel> {
         let locator = Locator::new(request)?;
         let transformer = locator.weights(&variant.transformer())?;
         let guidance_input = transformer.has("guidance_in.in_layer.weight");
@@ -241,6 +255,11 @@ impl FluxModel {
             + autoencoder.loaded_bytes(AUTOENCODER_DTYPE)
             + clip.loaded_bytes(dtype)
             + t5.loaded_bytes(t5_dtype(dtype));
+        report(format!(
+            "loading {} at {dtype:?}: about {} of weights",
+            variant.title(),
+            human_bytes(needed)
+        ));
         if request.device.is_cpu() {
             check_fits(variant.title(), needed, available_memory())?;
         }

@@ -99,13 +99,18 @@ pub trait FlowModel: Send + Sync {
     }
 }
 
+/// Loads a family's model for a request; `report` receives lines for the user while it does
+/// (the memory the load needs, before the weights are read).
+pub type LoadFn =
+    fn(&LoadRequest, report: &mut dyn FnMut(String)) -> anyhow::Result<Arc<dyn FlowModel>>;
+
 /// A model family: how to load it from a path.
 pub struct Family {
     pub name: &'static str,
     pub description: &'static str,
     /// Whether the family needs a path (built-in models do not).
     pub needs_path: bool,
-    pub load: fn(&LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>>,
+    pub load: LoadFn,
 }
 
 pub use locate::LoadRequest;

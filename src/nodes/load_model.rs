@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 
-use super::{InputError, NodeContext, NodeDef, NodeSpec, ParamSpec, PortSpec};
+use super::{InputError, NodeContext, NodeDef, NodeEvent, NodeSpec, ParamSpec, PortSpec};
 use crate::graph::PortType;
 use crate::graph::value::Value;
 use crate::model::{FAMILY_NAMES, LoadRequest, family};
@@ -103,7 +103,9 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
         device: device(ctx.text("device"))?,
         keep_text_encoders: ctx.text("text_encoders") == "keep",
     };
-    let model = (family.load)(&request)?;
+    let model = (family.load)(&request, &mut |line| {
+        let _ = ctx.emit(NodeEvent::Info(line));
+    })?;
     Ok(vec![Value::Model(model)])
 }
 

@@ -65,7 +65,10 @@ pub struct PreviewConfig {
     pub bias: [f32; 3],
 }
 
-fn load(request: &LoadRequest) -> anyhow::Result<Arc<dyn FlowModel>> {
+fn load(
+    request: &LoadRequest,
+    _report: &mut dyn FnMut(String),
+) -> anyhow::Result<Arc<dyn FlowModel>> {
     let folder = if request.path.as_os_str().is_empty() {
         PathBuf::from(SHIPPED_DIR)
     } else {
