@@ -9,19 +9,18 @@
 //! The transformer sees the latent as 2×2 patches ("packed"), the noise level as `t = σ` (it
 //! scales by 1000 itself) and, for [dev], the distilled guidance strength; it predicts
 //! `ε − x0`, which is Flowline's velocity, so its output is used as is. The autoencoder's
-//! latents are normalised as `(z − 0.1159) · 0.3611`.
+//! latents are normalised as `(z − 0.1159) · 0.3611` (see [`super::autoencoder`]).
 
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Module;
 use candle_transformers::models::flux::WithForward;
-use candle_transformers::models::flux::autoencoder::{
-    Config as AutoencoderConfig, Decoder, Encoder,
-};
 use candle_transformers::models::flux::model::{Config as TransformerConfig, Flux};
 use candle_transformers::models::flux::sampling::{State, unpack};
 
+use super::autoencoder::{
+    DTYPE as AUTOENCODER_DTYPE, LATENT_CHANNELS, LatentAutoencoder, check_latent_channels,
+};
 use super::checkpoint::{Piece, available_memory, check_fits, human_bytes};
 use super::locate::{LoadRequest, Locator, WeightSpec};
 use super::text_encoders::{
@@ -50,12 +49,6 @@ pub const DEFAULT_DISTILLED_GUIDANCE: f64 = 3.5;
 /// The autoencoder's latent normalisation (Black Forest Labs' `flux/util.py`).
 pub const LATENT_SCALE: f64 = 0.3611;
 pub const LATENT_SHIFT: f64 = 0.1159;
-/// The autoencoder runs at f32 whatever the precision: it is small (84 M parameters, a few
-/// hundred MiB), half precision costs its convolutions visible detail, and candle's CPU
-/// matmul has no bf16 path for its attention block.
-const AUTOENCODER_DTYPE: DType = DType::F32;
-/// Latent channels of the FLUX autoencoder; the preview factors are for these.
-const LATENT_CHANNELS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Variant {
@@ -183,10 +176,7 @@ pub struct FluxModel {
     variant: Variant,
     transformer: Flux,
     guidance_input: bool,
-    encoder: Encoder,
-    decoder: Decoder,
-    /// Image pixels per latent position along each side.
-    downsample: usize,
+    autoencoder: LatentAutoencoder,
     text: TextStage,
     dtype: DType,
     device: Device,
@@ -241,13 +231,8 @@ impl FluxModel {
         )?)?;
 
         let transformer_config = transformer_config(&transformer)?;
-        let autoencoder_config = autoencoder_config(&autoencoder)?;
-        check_agreement(
-            &transformer,
-            &transformer_config,
-            &autoencoder,
-            &autoencoder_config,
-        )?;
+        check_latent_channels(&autoencoder, "FLUX")?;
+        check_packed_channels(&transformer, &transformer_config, &autoencoder)?;
         check_agreement_text(&transformer, &transformer_config, &clip, &t5)?;
 
         let dtype = request.dtype;
@@ -266,11 +251,8 @@ impl FluxModel {
         let device = &request.device;
         let network = Flux::new(&transformer_config, transformer.var_builder(dtype, device)?)
             .map_err(|e| transformer.load_error(e))?;
-        let vb = autoencoder.var_builder(AUTOENCODER_DTYPE, device)?;
-        let encoder = Encoder::new(&autoencoder_config, vb.pp("encoder"))
-            .map_err(|e| autoencoder.load_error(e))?;
-        let decoder = Decoder::new(&autoencoder_config, vb.pp("decoder"))
-            .map_err(|e| autoencoder.load_error(e))?;
+        let autoencoder =
+            LatentAutoencoder::load(&autoencoder, LATENT_SCALE, LATENT_SHIFT, device)?;
         let description = format!(
             "{} ({} double + {} single blocks, width {}; {:?} on {:?}; about {} of weights)",
             variant.title(),
@@ -285,9 +267,7 @@ impl FluxModel {
             variant,
             transformer: network,
             guidance_input,
-            encoder,
-            decoder,
-            downsample: 1 << (autoencoder_config.ch_mult.len() - 1),
+            autoencoder,
             text: TextStage {
                 clip,
                 t5,
@@ -356,55 +336,20 @@ fn transformer_config(piece: &Piece) -> anyhow::Result<TransformerConfig> {
     })
 }
 
-/// The autoencoder's configuration, from its tensor shapes.
-fn autoencoder_config(piece: &Piece) -> anyhow::Result<AutoencoderConfig> {
-    let ch = piece.dim("encoder.conv_in.weight", 4, 0)?;
-    let levels = piece.count_blocks("encoder.down");
-    let ch_mult = (0..levels)
-        .map(|level| {
-            let conv = format!("encoder.down.{level}.block.0.conv1.weight");
-            Ok(piece.dim(&conv, 4, 0)? / ch)
-        })
-        .collect::<Result<Vec<_>, InputError>>()?;
-    if levels == 0 {
-        piece.shape("encoder.down.0.block.0.conv1.weight")?;
-    }
-    Ok(AutoencoderConfig {
-        resolution: 256,
-        in_channels: piece.dim("encoder.conv_in.weight", 4, 1)?,
-        ch,
-        out_ch: piece.dim("decoder.conv_out.weight", 4, 0)?,
-        ch_mult,
-        num_res_blocks: piece.count_blocks("encoder.down.0.block"),
-        z_channels: piece.dim("decoder.conv_in.weight", 4, 1)?,
-        scale_factor: LATENT_SCALE,
-        shift_factor: LATENT_SHIFT,
-    })
-}
-
-/// The transformer and the autoencoder must agree on the packed latent width.
-fn check_agreement(
+/// The transformer must take the autoencoder's latents packed 2×2.
+fn check_packed_channels(
     transformer: &Piece,
-    transformer_config: &TransformerConfig,
+    config: &TransformerConfig,
     autoencoder: &Piece,
-    autoencoder_config: &AutoencoderConfig,
 ) -> Result<(), InputError> {
-    let z = autoencoder_config.z_channels;
-    if z != LATENT_CHANNELS {
-        return Err(autoencoder.shape_error(
-            "decoder.conv_in.weight",
-            &format!("{LATENT_CHANNELS} latent channels (a FLUX autoencoder)"),
-            autoencoder.shape("decoder.conv_in.weight")?,
-        ));
-    }
-    if transformer_config.in_channels != 4 * z {
+    if config.in_channels != 4 * LATENT_CHANNELS {
         return Err(InputError(format!(
-            "{} takes {} input channels, but the autoencoder {} makes {z}-channel latents \
-             (packed 2×2: {}); they are not from the same model",
+            "{} takes {} input channels, but the autoencoder {} makes {LATENT_CHANNELS}-channel \
+             latents (packed 2×2: {}); they are not from the same model",
             transformer.location(),
-            transformer_config.in_channels,
+            config.in_channels,
             autoencoder.location(),
-            4 * z
+            4 * LATENT_CHANNELS
         )));
     }
     Ok(())
@@ -450,7 +395,8 @@ impl FlowModel for FluxModel {
     }
 
     fn latent_shape(&self, width: usize, height: usize) -> anyhow::Result<Vec<usize>> {
-        let multiple = 2 * self.downsample;
+        let downsample = self.autoencoder.downsample;
+        let multiple = 2 * downsample;
         if !width.is_multiple_of(multiple) || !height.is_multiple_of(multiple) {
             return Err(InputError(format!(
                 "{} draws sizes that are multiples of {multiple} pixels, not {width}×{height}",
@@ -461,8 +407,8 @@ impl FlowModel for FluxModel {
         Ok(vec![
             1,
             LATENT_CHANNELS,
-            height / self.downsample,
-            width / self.downsample,
+            height / downsample,
+            width / downsample,
         ])
     }
 
@@ -537,24 +483,13 @@ impl FlowModel for FluxModel {
     }
 
     fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor> {
-        let z = ((latent.to_dtype(AUTOENCODER_DTYPE)? / LATENT_SCALE)? + LATENT_SHIFT)?;
-        let image = self.decoder.forward(&z)?.to_dtype(DType::F32)?;
-        Ok(((image + 1.0)? / 2.0)?.clamp(0f32, 1f32)?.squeeze(0)?)
+        self.autoencoder.decode(latent)
     }
 
     fn encode_image(&self, image: &Tensor) -> anyhow::Result<Tensor> {
         let (_, height, width) = image.dims3()?;
         self.latent_shape(width, height)?;
-        let pixels = ((image.to_device(&self.device)? * 2.0)? - 1.0)?
-            .unsqueeze(0)?
-            .to_dtype(AUTOENCODER_DTYPE)?;
-        // The encoder gives mean and log-variance; the mean is the latent (no sampling, so an
-        // image always encodes the same way).
-        let moments = self.encoder.forward(&pixels)?;
-        let mean = moments
-            .narrow(1, 0, LATENT_CHANNELS)?
-            .to_dtype(DType::F32)?;
-        Ok(((mean - LATENT_SHIFT)? * LATENT_SCALE)?)
+        self.autoencoder.encode(&image.to_device(&self.device)?)
     }
 
     fn preview(&self) -> &LatentPreview {

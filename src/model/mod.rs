@@ -4,6 +4,7 @@
 //! network and autoencoder — so the graph and the sampler never care which family they drive.
 //! Families are found by name in [`FAMILIES`]; each derives its configuration from its files.
 
+pub mod autoencoder;
 pub mod checkpoint;
 pub mod discovery;
 pub mod exemplar;
