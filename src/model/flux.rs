@@ -11,7 +11,7 @@
 //! `ε − x0`, which is Flowline's velocity, so its output is used as is. The autoencoder's
 //! latents are normalised as `(z − 0.1159) · 0.3611` (see [`super::autoencoder`]).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::flux::WithForward;
@@ -24,8 +24,8 @@ use super::autoencoder::{
 use super::checkpoint::{Piece, available_memory, check_fits, human_bytes};
 use super::locate::{LoadRequest, Locator, WeightSpec};
 use super::text_encoders::{
-    CLIP_L, CLIP_TOKENIZER_NAMES, ClipEncoder, PromptTokenizer, T5_TOKENIZER_NAMES, T5_XXL,
-    T5Encoder, t5_dtype,
+    CLIP_L, CLIP_TOKENIZER_NAMES, ClipEncoder, OnDemand, PromptTokenizer, T5_TOKENIZER_NAMES,
+    T5_XXL, T5Encoder, t5_dtype, truncation_warnings,
 };
 use super::{Conditioning, Family, FlowModel, LatentPreview};
 use crate::nodes::InputError;
@@ -85,6 +85,7 @@ impl Variant {
             param: "transformer",
             probe: "img_in.weight",
             prefixes: &["", "model.diffusion_model."],
+            optional: false,
             main: true,
             names: match self {
                 Variant::Schnell => &[
@@ -107,6 +108,7 @@ const AUTOENCODER: WeightSpec = WeightSpec {
     param: "vae",
     probe: "decoder.conv_in.weight",
     prefixes: &["", "vae.", "first_stage_model."],
+    optional: false,
     main: false,
     names: &[
         "ae.safetensors",
@@ -166,9 +168,10 @@ struct TextStage {
     clip: Piece,
     t5: Piece,
     clip_tokenizer: PromptTokenizer,
+    /// Token positions CLIP has (77 in CLIP-L).
+    clip_positions: usize,
     t5_tokenizer: PromptTokenizer,
-    keep: bool,
-    loaded: Mutex<Option<(ClipEncoder, T5Encoder)>>,
+    encoders: OnDemand<(ClipEncoder, T5Encoder)>,
 }
 
 /// A loaded FLUX.1 model.
@@ -190,7 +193,7 @@ impl FluxModel {
         variant: Variant,
         report: &mut dyn FnMut(String),
     ) -> anyhow::Result<FluxModel> {
-        let locator = Locator::new(request)?;
+        let mut locator = Locator::new(request)?;
         let transformer = locator.weights(&variant.transformer())?;
         let guidance_input = transformer.has("guidance_in.in_layer.weight");
         let found = if guidance_input {
@@ -231,6 +234,7 @@ impl FluxModel {
         )?)?;
 
         let transformer_config = transformer_config(&transformer)?;
+        let clip_positions = clip.dim("text_model.embeddings.position_embedding.weight", 2, 0)?;
         check_latent_channels(&autoencoder, "FLUX")?;
         check_packed_channels(&transformer, &transformer_config, &autoencoder)?;
         check_agreement_text(&transformer, &transformer_config, &clip, &t5)?;
@@ -272,9 +276,9 @@ impl FluxModel {
                 clip,
                 t5,
                 clip_tokenizer,
+                clip_positions,
                 t5_tokenizer,
-                keep: request.keep_text_encoders,
-                loaded: Mutex::new(None),
+                encoders: OnDemand::new(request.keep_text_encoders),
             },
             dtype,
             device: device.clone(),
@@ -417,34 +421,22 @@ impl FlowModel for FluxModel {
     }
 
     fn encode_prompt(&self, text: &str) -> anyhow::Result<Conditioning> {
-        let mut loaded = self
+        let clip_tokens = self
             .text
-            .loaded
-            .lock()
-            .map_err(|_| anyhow::anyhow!("a previous prompt encoding failed midway"))?;
-        let (clip, mut t5) = match loaded.take() {
-            Some(encoders) => encoders,
-            None => self.text_encoders()?,
-        };
-        let clip_tokens = self.text.clip_tokenizer.tokens(text, clip.max_tokens)?;
+            .clip_tokenizer
+            .tokens(text, self.text.clip_positions)?;
         let t5_tokens = self
             .text
             .t5_tokenizer
             .tokens(text, self.variant.t5_tokens())?;
-        let (_, pooled) = clip.encode(&clip_tokens, &self.device)?;
-        let context = t5.encode(&t5_tokens, &self.device)?;
-        if self.text.keep {
-            *loaded = Some((clip, t5));
-        }
-        let mut warnings = Vec::new();
-        for (encoder, tokens) in [("CLIP", &clip_tokens), ("T5", &t5_tokens)] {
-            if tokens.truncated > 0 {
-                warnings.push(format!(
-                    "the prompt is too long for {encoder}: its last {} tokens were cut",
-                    tokens.truncated
-                ));
-            }
-        }
+        let (pooled, context) = self.text.encoders.with(
+            || self.text_encoders(),
+            |(clip, t5)| {
+                let (_, pooled) = clip.encode(&clip_tokens, &self.device)?;
+                Ok((pooled, t5.encode(&t5_tokens, &self.device)?))
+            },
+        )?;
+        let warnings = truncation_warnings(&[("CLIP", &clip_tokens), ("T5", &t5_tokens)]);
         Ok(Conditioning {
             context: context.to_dtype(self.dtype)?,
             pooled: Some(pooled.to_dtype(self.dtype)?),

@@ -14,6 +14,9 @@ use candle_core::{DType, Device};
 use super::checkpoint::{Header, Piece, refuse_pickle};
 use crate::nodes::InputError;
 
+/// The piece parameter value that asks a family to run without that piece.
+pub const NONE: &str = "none";
+
 /// What a family is asked to load: the Load Model node's parameters.
 #[derive(Debug, Clone)]
 pub struct LoadRequest {
@@ -51,6 +54,8 @@ pub struct WeightSpec {
     pub probe: &'static str,
     /// Prefixes the piece's tensors carry inside a single-file checkpoint.
     pub prefixes: &'static [&'static str],
+    /// Whether the family can run without this piece (the user sets its parameter to `none`).
+    pub optional: bool,
     /// Whether a single-file path must hold this piece (the transformer): then a file holding
     /// something else is reported as what it is, instead of searching beside it.
     pub main: bool,
@@ -99,9 +104,25 @@ impl<'a> Locator<'a> {
         })
     }
 
+    /// The piece `spec` describes, or `None` when the user set its parameter to `none` (for
+    /// pieces a family can run without).
+    pub fn optional_weights(&mut self, spec: &WeightSpec) -> Result<Option<Piece>, InputError> {
+        if self
+            .request
+            .pieces
+            .get(spec.param)
+            .is_some_and(|p| p.as_os_str() == NONE)
+        {
+            return Ok(None);
+        }
+        self.weights(spec).map(Some)
+    }
+
     /// The piece `spec` describes: the file the user named, else the checkpoint file itself
-    /// when it holds the piece, else the first usual name that exists.
-    pub fn weights(&self, spec: &WeightSpec) -> Result<Piece, InputError> {
+    /// when it holds the piece, else the first usual name that exists. A main piece found in a
+    /// folder becomes the checkpoint later pieces are looked for in first (a single-file
+    /// release such as `sd3.5_large.safetensors` holds its autoencoder too).
+    pub fn weights(&mut self, spec: &WeightSpec) -> Result<Piece, InputError> {
         if let Some(path) = self.request.pieces.get(spec.param) {
             if !path.exists() {
                 return Err(InputError(format!(
@@ -132,15 +153,26 @@ impl<'a> Locator<'a> {
                 .iter()
                 .map(|f| Header::read(f))
                 .collect::<Result<Vec<_>, _>>()?;
-            return piece_from(spec, &headers);
+            let piece = piece_from(spec, &headers)?;
+            if spec.main
+                && let [header] = headers.as_slice()
+            {
+                self.single_file = Some(header.clone());
+            }
+            return Ok(piece);
         }
         let inside = match &self.single_file {
             Some(h) => format!("inside {} and ", h.path.display()),
             None => String::new(),
         };
+        let none = if spec.optional {
+            format!(", or to {NONE} to run without it")
+        } else {
+            String::new()
+        };
         Err(InputError(format!(
             "{} is missing: looked {inside}for {}; put it there or set the Load Model \
-             parameter {} to its file",
+             parameter {} to its file{none}",
             spec.role,
             looked.join(", "),
             spec.param

@@ -6,10 +6,14 @@
 //! through the same code.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::clip::text_model::{
     Activation, ClipTextConfig, ClipTextTransformer,
+};
+use candle_transformers::models::stable_diffusion::clip::{
+    ClipTextTransformer as PenultimateClipTransformer, Config as PenultimateClipConfig,
 };
 use candle_transformers::models::t5::{
     ActivationWithOptionalGating, Config as T5Config, T5EncoderModel,
@@ -26,6 +30,7 @@ pub const CLIP_L: WeightSpec = WeightSpec {
     param: "clip_l",
     probe: "text_model.embeddings.token_embedding.weight",
     prefixes: &["", "text_encoders.clip_l.transformer."],
+    optional: false,
     main: false,
     names: &[
         "clip_l.safetensors",
@@ -43,6 +48,7 @@ pub const T5_XXL: WeightSpec = WeightSpec {
     param: "t5",
     probe: "encoder.block.0.layer.0.SelfAttention.q.weight",
     prefixes: &["", "text_encoders.t5xxl.transformer."],
+    optional: false,
     main: false,
     names: &[
         "t5xxl*.safetensors",
@@ -99,6 +105,12 @@ impl PromptTokenizer {
         })
     }
 
+    /// The same tokenizer padding with `token` instead (CLIP-G pads with `!`).
+    pub fn padded_with(mut self, token: &str) -> Result<PromptTokenizer, InputError> {
+        self.pad = special(&self.tokenizer, &self.path, token)?;
+        Ok(self)
+    }
+
     /// T5's tokenizer: prompt `</s>`, padded with `<pad>`.
     pub fn t5(path: &Path) -> Result<PromptTokenizer, InputError> {
         let tokenizer = read_tokenizer(path)?;
@@ -147,6 +159,20 @@ impl PromptTokenizer {
     }
 }
 
+/// A warning for each encoder whose tokens were cut, by encoder name.
+pub fn truncation_warnings(encoded: &[(&str, &Tokens)]) -> Vec<String> {
+    encoded
+        .iter()
+        .filter(|(_, tokens)| tokens.truncated > 0)
+        .map(|(encoder, tokens)| {
+            format!(
+                "the prompt is too long for {encoder}: its last {} tokens were cut",
+                tokens.truncated
+            )
+        })
+        .collect()
+}
+
 fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, InputError> {
     tokenizers::Tokenizer::from_file(path)
         .map_err(|e| InputError(format!("cannot read tokenizer {}: {e}", path.display())))
@@ -164,8 +190,6 @@ fn special(tokenizer: &tokenizers::Tokenizer, path: &Path, token: &str) -> Resul
 /// A CLIP text transformer (CLIP-L's quick-GELU variant).
 pub struct ClipEncoder {
     model: ClipTextTransformer,
-    /// Token positions the model has (77 for CLIP-L).
-    pub max_tokens: usize,
 }
 
 impl ClipEncoder {
@@ -199,7 +223,7 @@ impl ClipEncoder {
         let vb = piece.var_builder(dtype, device)?;
         let model = ClipTextTransformer::new(vb.pp("text_model"), &config)
             .map_err(|e| piece.load_error(e))?;
-        Ok(ClipEncoder { model, max_tokens })
+        Ok(ClipEncoder { model })
     }
 
     /// The final hidden states `[1, L, D]` and the pooled vector `[1, D]` at the end token.
@@ -273,6 +297,118 @@ impl T5Encoder {
     pub fn encode(&mut self, tokens: &Tokens, device: &Device) -> anyhow::Result<Tensor> {
         let ids = Tensor::new(tokens.ids.as_slice(), device)?.unsqueeze(0)?;
         Ok(self.model.forward(&ids)?)
+    }
+}
+
+/// A CLIP text encoder as SD3 uses it: the hidden states of its penultimate layer (context)
+/// and the projected final state at the end token (pooled).
+///
+/// candle-transformers' only CLIP that yields penultimate hidden states has fixed, private
+/// configurations, so only the released sizes load: CLIP-L (ViT-L/14) and CLIP-G (bigG).
+pub struct PenultimateClip {
+    model: PenultimateClipTransformer,
+    projection: Tensor,
+}
+
+/// Which of the two released CLIP text encoders.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ClipSize {
+    L,
+    G,
+}
+
+impl ClipSize {
+    /// candle's configuration and the released (vocabulary, width, layers).
+    fn config(self) -> (PenultimateClipConfig, [usize; 3]) {
+        match self {
+            ClipSize::L => (PenultimateClipConfig::v1_5(), [49408, 768, 12]),
+            ClipSize::G => (PenultimateClipConfig::sdxl2(), [49408, 1280, 32]),
+        }
+    }
+
+    /// The width of the hidden states and of the pooled vector.
+    pub fn width(self) -> usize {
+        self.config().1[1]
+    }
+}
+
+impl PenultimateClip {
+    /// Loads `piece`, which must have the released size of `size`.
+    pub fn load(
+        piece: &Piece,
+        size: ClipSize,
+        dtype: DType,
+        device: &Device,
+    ) -> anyhow::Result<PenultimateClip> {
+        let (config, [vocab, width, layers]) = size.config();
+        let token = "text_model.embeddings.token_embedding.weight";
+        let found = piece.shape(token)?;
+        let found_layers = piece.count_blocks("text_model.encoder.layers");
+        if found != [vocab, width] || found_layers != layers {
+            return Err(InputError(format!(
+                "{} has {found_layers} layers and {token} of shape {found:?}; expected the \
+                 released {layers} layers and [{vocab}, {width}] (candle's CLIP for SD3 has \
+                 fixed sizes)",
+                piece.location()
+            ))
+            .into());
+        }
+        let vb = piece.var_builder(dtype, device)?;
+        let model = PenultimateClipTransformer::new(vb.clone(), &config)
+            .map_err(|e| piece.load_error(e))?;
+        let projection = vb
+            .get((width, width), "text_projection.weight")
+            .map_err(|e| piece.load_error(e))?;
+        Ok(PenultimateClip { model, projection })
+    }
+
+    /// The penultimate hidden states `[1, L, D]` and the projected pooled vector `[1, D]`.
+    pub fn encode(&self, tokens: &Tokens, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
+        let ids = Tensor::new(tokens.ids.as_slice(), device)?.unsqueeze(0)?;
+        let (last, penultimate) = self
+            .model
+            .forward_until_encoder_layer(&ids, usize::MAX, -2)?;
+        let pooled = last
+            .i((.., tokens.end_position))?
+            .matmul(&self.projection.t()?)?;
+        Ok((penultimate, pooled))
+    }
+}
+
+/// Text encoders loaded when a prompt needs them: kept between prompts, or loaded for each
+/// prompt and freed after it so their memory goes back to the transformer.
+pub struct OnDemand<T> {
+    keep: bool,
+    loaded: Mutex<Option<T>>,
+}
+
+impl<T> OnDemand<T> {
+    pub fn new(keep: bool) -> OnDemand<T> {
+        OnDemand {
+            keep,
+            loaded: Mutex::new(None),
+        }
+    }
+
+    /// Runs `work` on the encoders, loading them with `load` unless they are kept loaded.
+    pub fn with<R>(
+        &self,
+        load: impl FnOnce() -> anyhow::Result<T>,
+        work: impl FnOnce(&mut T) -> anyhow::Result<R>,
+    ) -> anyhow::Result<R> {
+        let mut loaded = self
+            .loaded
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a previous prompt encoding failed midway"))?;
+        let mut encoders = match loaded.take() {
+            Some(encoders) => encoders,
+            None => load()?,
+        };
+        let result = work(&mut encoders);
+        if self.keep {
+            *loaded = Some(encoders);
+        }
+        result
     }
 }
 
