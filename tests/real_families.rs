@@ -1,9 +1,10 @@
-//! FLUX.1 families from the user's own files, end to end.
+//! FLUX.1 and SD3.5 families from the user's own files, end to end.
 //!
 //! No real weights exist on the machines that run these tests, so each test writes tiny
 //! random-weight checkpoints with the tensor names and layouts of the released files
-//! (`flux1-*.safetensors` in Black Forest Labs' layout, `ae.safetensors`, ComfyUI's
-//! `clip_l.safetensors` and `t5xxl_fp16.safetensors`, and the two `tokenizer.json` files), lays
+//! (`flux1-*.safetensors` in Black Forest Labs' layout, `ae.safetensors`, Stability's
+//! single-file `sd3.5_large.safetensors` / `sd3.5_medium.safetensors`, ComfyUI's
+//! `clip_l.safetensors` and `t5xxl_fp16.safetensors`, and the `tokenizer.json` files), lays
 //! them out as a user's download or ComfyUI install would, and loads them through the Load
 //! Model node.
 
@@ -870,4 +871,218 @@ fn the_command_line_runs_flux_schnell_and_exits_2_on_a_bad_path() {
         "{stderr}"
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// An MMDiT in Stability's single-file layout (`joint_blocks`, q/k RMS norms as in SD3.5), two
+/// joint blocks of one 16-wide head each; `medium` adds the MMDiT-X second attention to the
+/// first block. The pooled input is CLIP-L + CLIP-G wide (2048), the context T5 wide.
+fn mmdit(medium: bool, prefix: &str) -> Tensors {
+    let mut t = Tensors::new(5, DType::F16).with_prefix(prefix);
+    let h = 32;
+    t.conv("x_embedder.proj", h, 16, 2);
+    t.random("pos_embed", &[1, 8 * 8, h], 0.1);
+    t.linear("t_embedder.mlp.0", h, 256);
+    t.linear("t_embedder.mlp.2", h, h);
+    t.linear("y_embedder.mlp.0", h, 2048);
+    t.linear("y_embedder.mlp.2", h, h);
+    t.linear("context_embedder", h, T5_WIDTH);
+    let attention = |t: &mut Tensors, name: &str, qkv_only: bool| {
+        t.linear(&format!("{name}.qkv"), 3 * h, h);
+        t.constant(&format!("{name}.ln_q.weight"), &[16], 1.0);
+        t.constant(&format!("{name}.ln_k.weight"), &[16], 1.0);
+        if !qkv_only {
+            t.linear(&format!("{name}.proj"), h, h);
+        }
+    };
+    for block in 0..2 {
+        let last = block == 1;
+        for stream in ["x_block", "context_block"] {
+            let b = format!("joint_blocks.{block}.{stream}");
+            let qkv_only = last && stream == "context_block";
+            attention(&mut t, &format!("{b}.attn"), qkv_only);
+            let self_attention = medium && block == 0 && stream == "x_block";
+            if self_attention {
+                attention(&mut t, &format!("{b}.attn2"), false);
+            }
+            if !qkv_only {
+                t.linear(&format!("{b}.mlp.fc1"), 4 * h, h);
+                t.linear(&format!("{b}.mlp.fc2"), h, 4 * h);
+            }
+            let modulations = match (qkv_only, self_attention) {
+                (true, _) => 2,
+                (false, true) => 9,
+                (false, false) => 6,
+            };
+            t.linear(&format!("{b}.adaLN_modulation.1"), modulations * h, h);
+        }
+    }
+    t.linear("final_layer.linear", 2 * 2 * 16, h);
+    t.linear("final_layer.adaLN_modulation.1", 2 * h, h);
+    t
+}
+
+/// A folder as downloaded from stabilityai/stable-diffusion-3.5-large (or -medium): the
+/// single file with MMDiT and autoencoder, `text_encoders/t5xxl_fp16.safetensors`, and the T5
+/// tokenizer; no CLIP files (the tests run with CLIP set to none).
+fn sd3_folder(dir: &Path, medium: bool) -> PathBuf {
+    let (t5_tokenizer, t5_vocab) = t5_tokenizer_json();
+    let name = if medium {
+        "sd3.5_medium"
+    } else {
+        "sd3.5_large"
+    };
+    mmdit(medium, "model.diffusion_model.")
+        .merge(flux_autoencoder("first_stage_model."))
+        .save(&dir.join(format!("{name}.safetensors")));
+    t5("", t5_vocab).save(&dir.join("text_encoders/t5xxl_fp16.safetensors"));
+    write(&dir.join("tokenizer_3/tokenizer.json"), &t5_tokenizer);
+    dir.to_path_buf()
+}
+
+fn without_clip(path: &Path) -> LoadRequest {
+    let mut request = LoadRequest::new(path, &Device::Cpu);
+    for piece in ["clip_l", "clip_g"] {
+        request.pieces.insert(piece.into(), PathBuf::from("none"));
+    }
+    request
+}
+
+fn load_request(
+    family_name: &str,
+    request: &LoadRequest,
+) -> anyhow::Result<std::sync::Arc<dyn FlowModel>> {
+    (family(family_name).unwrap().load)(request, &mut |_| {})
+}
+
+#[test]
+fn sd35_large_runs_its_shipped_workflow_with_cfg_and_a_negative_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = sd3_folder(dir.path(), false);
+    let mut workflow = tiny_workflow("sd3.5.json", &folder);
+    for piece in ["clip_l", "clip_g"] {
+        workflow
+            .apply_assignment(&format!("model.{piece}=none"))
+            .unwrap();
+    }
+    let (image, previews) = run(workflow);
+    assert_is_a_picture(&image);
+    assert_eq!(previews, [16, 16]);
+}
+
+#[test]
+fn sd35_conditioning_joins_the_encoders_and_the_prompt_moves_the_velocity() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = load_request("sd3.5-medium", &without_clip(&sd3_folder(dir.path(), true))).unwrap();
+    assert!(
+        model.describe().contains("without CLIP-L, CLIP-G"),
+        "{}",
+        model.describe()
+    );
+    let red = model.encode_prompt("a red star").unwrap();
+    let blue = model.encode_prompt("a blue circle").unwrap();
+    // 77 (zero) CLIP tokens, then 77 T5 tokens, at the context width.
+    assert_eq!(red.context.dims(), [1, 154, T5_WIDTH]);
+    assert_eq!(red.pooled.as_ref().unwrap().dims(), [1, 2048]);
+    let shape = model.latent_shape(SIDE, SIDE).unwrap();
+    assert_eq!(shape, [1, 16, SIDE / 8, SIDE / 8]);
+    let x = flowline::flow::noise::gaussian(5, shape, &Device::Cpu).unwrap();
+    let v = model.velocity(&x, 0.7, &red).unwrap();
+    assert_eq!(v.dtype(), DType::F32);
+    let difference: f32 = (v - model.velocity(&x, 0.7, &blue).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(difference > 1e-4, "{difference}");
+    let error = format!("{:#}", model.latent_shape(24, 24).unwrap_err());
+    assert!(error.contains("multiples of 16"), "{error}");
+}
+
+#[test]
+fn sd35_medium_and_large_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let medium = sd3_folder(&dir.path().join("medium"), true);
+    let error = match load_request(
+        "sd3.5-large",
+        &without_clip(&medium.join("sd3.5_medium.safetensors")),
+    ) {
+        Ok(_) => panic!("a medium MMDiT loaded as large"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("SD3.5 Medium MMDiT, not SD3.5 Large"),
+        "{error}"
+    );
+    assert!(error.contains("sd3.5-medium"), "{error}");
+
+    let flux = flat_folder(&dir.path().join("flux"), false);
+    let error = match load_request(
+        "sd3.5-large",
+        &without_clip(&flux.join("flux1-schnell.safetensors")),
+    ) {
+        Ok(_) => panic!("a FLUX transformer loaded as SD3.5"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("is a FLUX.1 [schnell] transformer, not the SD3.5 MMDiT"),
+        "{error}"
+    );
+}
+
+#[test]
+fn sd35_names_a_missing_clip_and_a_clip_of_another_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = sd3_folder(dir.path(), false);
+    let mut request = LoadRequest::new(&folder, &Device::Cpu);
+    request
+        .pieces
+        .insert("clip_l".into(), PathBuf::from("none"));
+    let error = match load_request("sd3.5-large", &request) {
+        Ok(_) => panic!("loaded without CLIP-G"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        error.contains("the CLIP-G text encoder is missing"),
+        "{error}"
+    );
+    assert!(
+        error.contains("text_encoders/clip_g.safetensors"),
+        "{error}"
+    );
+    assert!(error.contains("or to none to run without it"), "{error}");
+
+    let (clip_tokenizer, vocab) = clip_tokenizer_json();
+    write(&folder.join("tokenizer/tokenizer.json"), &clip_tokenizer);
+    clip_l("", vocab).save(&folder.join("text_encoders/clip_l.safetensors"));
+    let mut request = LoadRequest::new(&folder, &Device::Cpu);
+    request
+        .pieces
+        .insert("clip_g".into(), PathBuf::from("none"));
+    let error = match load_request("sd3.5-large", &request) {
+        Ok(_) => panic!("loaded a CLIP-L of another size"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(error.contains("clip_l.safetensors"), "{error}");
+    assert!(
+        error.contains("[49408, 768]") && error.contains(&format!("[{vocab}, {CLIP_WIDTH}]")),
+        "{error}"
+    );
+}
+
+#[test]
+fn discovery_names_sd35_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir
+        .path()
+        .join("hub/models--stabilityai--stable-diffusion-3.5-medium/snapshots/beef");
+    sd3_folder(&snapshot, true);
+    let found = scan_hf_cache(&dir.path().join("hub"));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].family, &found[0].path),
+        ("sd3.5-medium", &snapshot)
+    );
 }

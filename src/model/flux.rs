@@ -119,8 +119,7 @@ const AUTOENCODER: WeightSpec = WeightSpec {
 
 /// Latent→RGB factors for FLUX latents, from ComfyUI's `comfy/latent_formats.py` (class
 /// `Flux`, fitted by its authors against decoded images). ComfyUI maps latents to [−1, 1]; the
-/// preview here maps to [0, 1], so the factors and bias are halved and the bias moved by ½ in
-/// [`preview`].
+/// preview here maps to [0, 1] (see [`LatentPreview::from_signed`]).
 const PREVIEW_FACTORS: [[f32; LATENT_CHANNELS]; 3] = [
     [
         -0.0346, 0.0034, 0.0275, -0.0174, 0.0859, 0.0004, 0.0405, -0.0236, -0.0245, 0.1008,
@@ -136,14 +135,6 @@ const PREVIEW_FACTORS: [[f32; LATENT_CHANNELS]; 3] = [
     ],
 ];
 const PREVIEW_BIAS: [f32; 3] = [-0.0329, -0.0718, -0.0851];
-
-/// A [−1, 1] latent→RGB map (ComfyUI's convention) as a [0, 1] [`LatentPreview`].
-pub fn preview_from_signed(factors: &[[f32; 16]; 3], bias: [f32; 3]) -> LatentPreview {
-    LatentPreview {
-        matrix: factors.map(|row| row.iter().map(|f| f / 2.0).collect()),
-        bias: bias.map(|b| (b + 1.0) / 2.0),
-    }
-}
 
 fn load_schnell(
     request: &LoadRequest,
@@ -282,7 +273,7 @@ impl FluxModel {
             },
             dtype,
             device: device.clone(),
-            preview: preview_from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS),
+            preview: LatentPreview::from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS),
             description,
         };
         Ok(model)
@@ -495,7 +486,7 @@ mod tests {
 
     #[test]
     fn the_preview_maps_comfyui_signed_factors_to_unit_range() {
-        let preview = preview_from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS);
+        let preview = LatentPreview::from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS);
         // A zero latent shows ComfyUI's bias, moved from [−1, 1] to [0, 1].
         for (shown, bias) in preview.bias.iter().zip(PREVIEW_BIAS) {
             assert!((shown - (bias + 1.0) / 2.0).abs() < 1e-7);

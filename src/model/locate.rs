@@ -326,6 +326,8 @@ impl Contents {
         match self {
             Contents::FluxDev => Some(super::flux::DEV.name),
             Contents::FluxSchnell => Some(super::flux::SCHNELL.name),
+            Contents::Sd35Medium => Some(super::sd3::MEDIUM.name),
+            Contents::Sd3Large => Some(super::sd3::LARGE.name),
             _ => None,
         }
     }

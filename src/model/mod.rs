@@ -10,6 +10,7 @@ pub mod discovery;
 pub mod exemplar;
 pub mod flux;
 pub mod locate;
+pub mod sd3;
 pub mod shapes;
 pub mod text_encoders;
 
@@ -42,6 +43,15 @@ pub struct LatentPreview {
 }
 
 impl LatentPreview {
+    /// A map published in ComfyUI's convention (`rgb = factors · latent + bias` in [−1, 1]),
+    /// moved to [0, 1]: factors halved, bias halved and raised by ½.
+    pub fn from_signed<const C: usize>(factors: &[[f32; C]; 3], bias: [f32; 3]) -> LatentPreview {
+        LatentPreview {
+            matrix: factors.map(|row| row.iter().map(|f| f / 2.0).collect()),
+            bias: bias.map(|b| (b + 1.0) / 2.0),
+        }
+    }
+
     /// An sRGB preview of a `[1, C, h, w]` latent, one pixel per latent position.
     pub fn to_rgb(&self, latent: &Tensor) -> candle_core::Result<image::RgbImage> {
         let latent = latent
@@ -117,7 +127,14 @@ pub struct Family {
 pub use locate::LoadRequest;
 
 /// Every model family, by name.
-pub const FAMILIES: &[Family] = &[exemplar::FAMILY, shapes::FAMILY, flux::SCHNELL, flux::DEV];
+pub const FAMILIES: &[Family] = &[
+    exemplar::FAMILY,
+    shapes::FAMILY,
+    flux::SCHNELL,
+    flux::DEV,
+    sd3::LARGE,
+    sd3::MEDIUM,
+];
 
 /// The names of [`FAMILIES`], for the Load Model node's choice.
 pub const FAMILY_NAMES: &[&str] = &[
@@ -125,6 +142,8 @@ pub const FAMILY_NAMES: &[&str] = &[
     shapes::FAMILY.name,
     flux::SCHNELL.name,
     flux::DEV.name,
+    sd3::LARGE.name,
+    sd3::MEDIUM.name,
 ];
 
 pub fn family(name: &str) -> Option<&'static Family> {

@@ -330,6 +330,23 @@ impl ClipSize {
     pub fn width(self) -> usize {
         self.config().1[1]
     }
+
+    /// Checks from its header that `piece` has this released size.
+    pub fn check(self, piece: &Piece) -> Result<(), InputError> {
+        let [vocab, width, layers] = self.config().1;
+        let token = "text_model.embeddings.token_embedding.weight";
+        let found = piece.shape(token)?;
+        let found_layers = piece.count_blocks("text_model.encoder.layers");
+        if found != [vocab, width] || found_layers != layers {
+            return Err(InputError(format!(
+                "{} has {found_layers} layers and {token} of shape {found:?}; expected the \
+                 released {layers} layers and [{vocab}, {width}] (candle's CLIP for SD3 has \
+                 fixed sizes)",
+                piece.location()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl PenultimateClip {
@@ -340,19 +357,8 @@ impl PenultimateClip {
         dtype: DType,
         device: &Device,
     ) -> anyhow::Result<PenultimateClip> {
-        let (config, [vocab, width, layers]) = size.config();
-        let token = "text_model.embeddings.token_embedding.weight";
-        let found = piece.shape(token)?;
-        let found_layers = piece.count_blocks("text_model.encoder.layers");
-        if found != [vocab, width] || found_layers != layers {
-            return Err(InputError(format!(
-                "{} has {found_layers} layers and {token} of shape {found:?}; expected the \
-                 released {layers} layers and [{vocab}, {width}] (candle's CLIP for SD3 has \
-                 fixed sizes)",
-                piece.location()
-            ))
-            .into());
-        }
+        size.check(piece)?;
+        let (config, [_, width, _]) = size.config();
         let vb = piece.var_builder(dtype, device)?;
         let model = PenultimateClipTransformer::new(vb.clone(), &config)
             .map_err(|e| piece.load_error(e))?;

@@ -13,7 +13,7 @@ use crate::graph::value::Value;
 use crate::model::{FAMILY_NAMES, LoadRequest, family};
 
 /// Parameters naming one piece's file, by the name families look them up under.
-const PIECES: [(&str, &str); 6] = [
+const PIECES: [(&str, &str); 7] = [
     (
         "transformer",
         "transformer / MMDiT file (default: found from path)",
@@ -23,7 +23,14 @@ const PIECES: [(&str, &str); 6] = [
         "clip_l",
         "CLIP-L text encoder file (default: found from path)",
     ),
-    ("t5", "T5-XXL text encoder file (default: found from path)"),
+    (
+        "clip_g",
+        "CLIP-G text encoder file, SD3.5 only (default: found from path; none: without)",
+    ),
+    (
+        "t5",
+        "T5-XXL text encoder file (default: found from path; none: without, SD3.5 only)",
+    ),
     (
         "clip_tokenizer",
         "CLIP tokenizer.json (default: found from path)",
