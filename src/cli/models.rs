@@ -1,4 +1,4 @@
-//! `flowline models`: lists the FLUX/SD3.5 models already on this machine, with the family
+//! `flowline models`: lists the FLUX and SD3.5 models already on this machine, with the family
 //! and path to give the Load Model node.
 
 use std::path::PathBuf;
@@ -29,7 +29,7 @@ pub fn models(args: ModelsArgs) -> ExitCode {
         found.extend(scan_models_folder(dir));
     }
     if found.is_empty() {
-        println!("no FLUX models found");
+        println!("no FLUX or SD3.5 models found");
     }
     for model in found {
         println!(

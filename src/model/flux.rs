@@ -25,7 +25,7 @@ use super::checkpoint::{Piece, available_memory, check_fits, human_bytes};
 use super::locate::{LoadRequest, Locator, WeightSpec};
 use super::text_encoders::{
     CLIP_L, CLIP_TOKENIZER_NAMES, ClipEncoder, OnDemand, PromptTokenizer, T5_TOKENIZER_NAMES,
-    T5_XXL, T5Encoder, t5_dtype, truncation_warnings,
+    T5_XXL, T5Encoder, t5_dtype, t5_width, truncation_warnings,
 };
 use super::{Conditioning, Family, FlowModel, LatentPreview};
 use crate::nodes::InputError;
@@ -205,23 +205,17 @@ impl FluxModel {
         let autoencoder = locator.weights(&AUTOENCODER)?;
         let clip = locator.weights(&CLIP_L)?;
         let t5 = locator.weights(&T5_XXL)?;
-        let beside = |piece: &Piece| {
-            piece.files[0]
-                .parent()
-                .map(|p| p.to_path_buf())
-                .unwrap_or_default()
-        };
         let clip_tokenizer = PromptTokenizer::clip(&locator.file(
             "the CLIP tokenizer (tokenizer.json)",
             "clip_tokenizer",
             CLIP_TOKENIZER_NAMES,
-            &beside(&clip),
+            &clip,
         )?)?;
         let t5_tokenizer = PromptTokenizer::t5(&locator.file(
             "the T5 tokenizer (tokenizer.json)",
             "t5_tokenizer",
             T5_TOKENIZER_NAMES,
-            &beside(&t5),
+            &t5,
         )?)?;
 
         let transformer_config = transformer_config(&transformer)?;
@@ -258,7 +252,7 @@ impl FluxModel {
             device.location(),
             human_bytes(needed)
         );
-        let model = FluxModel {
+        Ok(FluxModel {
             variant,
             transformer: network,
             guidance_input,
@@ -275,11 +269,10 @@ impl FluxModel {
             device: device.clone(),
             preview: LatentPreview::from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS),
             description,
-        };
-        Ok(model)
+        })
     }
 
-    /// Loads the text encoders unless they are kept loaded.
+    /// Loads the text encoders (for one prompt, or to keep).
     fn text_encoders(&self) -> anyhow::Result<(ClipEncoder, T5Encoder)> {
         let dtype = self.dtype;
         Ok((
@@ -358,12 +351,7 @@ fn check_agreement_text(
     t5: &Piece,
 ) -> Result<(), InputError> {
     let clip_width = clip.dim("text_model.embeddings.token_embedding.weight", 2, 1)?;
-    let t5_name = if t5.has("shared.weight") {
-        "shared.weight"
-    } else {
-        "encoder.embed_tokens.weight"
-    };
-    let t5_width = t5.dim(t5_name, 2, 1)?;
+    let t5_width = t5_width(t5)?;
     for (piece, width, takes, input) in [
         (clip, clip_width, config.vec_in_dim, "vector_in"),
         (t5, t5_width, config.context_in_dim, "txt_in"),

@@ -180,13 +180,14 @@ impl<'a> Locator<'a> {
     }
 
     /// A plain file (a tokenizer): the one the user named under `param`, else the first of
-    /// `names` that exists in the model folder or in `beside` (the folder of a related piece).
+    /// `names` that exists in the model folder or in the folder of `beside` (the piece the
+    /// file belongs to).
     pub fn file(
         &self,
         role: &str,
         param: &str,
         names: &[&str],
-        beside: &Path,
+        beside: &Piece,
     ) -> Result<PathBuf, InputError> {
         if let Some(path) = self.request.pieces.get(param) {
             refuse_pickle(path)?;
@@ -201,8 +202,10 @@ impl<'a> Locator<'a> {
         }
         let mut looked = Vec::new();
         let mut folders = vec![self.folder.as_path()];
-        if beside != self.folder {
-            folders.push(beside);
+        if let Some(folder) = beside.files[0].parent()
+            && folder != self.folder
+        {
+            folders.push(folder);
         }
         for folder in folders {
             for name in names {
@@ -256,13 +259,13 @@ fn matches(folder: &Path, pattern: &str) -> Vec<PathBuf> {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return Vec::new();
     };
-    let Some((head, tail)) = name.split_once('*') else {
+    if !name.contains('*') {
         return if path.is_file() {
             vec![path]
         } else {
             Vec::new()
         };
-    };
+    }
     let parent = path.parent().unwrap_or(folder);
     let Ok(entries) = std::fs::read_dir(parent) else {
         return Vec::new();
@@ -272,9 +275,9 @@ fn matches(folder: &Path, pattern: &str) -> Vec<PathBuf> {
         .map(|e| e.path())
         .filter(|p| p.is_file())
         .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.len() >= head.len() + tail.len() && n.starts_with(head) && n.ends_with(tail)
-            })
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| glob_match(n, name))
         })
         .collect();
     found.sort();
@@ -282,6 +285,26 @@ fn matches(folder: &Path, pattern: &str) -> Vec<PathBuf> {
         found.truncate(1);
     }
     found
+}
+
+/// Whether `name` matches `pattern`, where each `*` stands for any run of characters.
+fn glob_match(name: &str, pattern: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// What a weight file holds, judged by its tensor names.
@@ -382,6 +405,13 @@ mod tests {
         let shards = matches(dir.path(), "text_encoder_2/model-*-of-*.safetensors");
         assert_eq!(shards.len(), 2);
         assert!(shards[0].ends_with("model-00001-of-00002.safetensors"));
+        assert!(glob_match(
+            "model-00001-of-00002.safetensors",
+            "model-*-of-*.safetensors"
+        ));
+        assert!(!glob_match("model.safetensors", "model-*-of-*.safetensors"));
+        assert!(glob_match("t5xxl.safetensors", "t5xxl*.safetensors"));
+        assert!(!glob_match("t5xxl_fp16.gguf", "t5xxl*.safetensors"));
         let one = matches(dir.path(), "t5xxl*.safetensors");
         assert_eq!(one, [dir.path().join("t5xxl_fp16.safetensors")]);
         assert!(matches(dir.path(), "clip_l.safetensors").is_empty());

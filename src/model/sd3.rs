@@ -26,7 +26,7 @@ use super::checkpoint::{Piece, available_memory, check_fits, human_bytes};
 use super::locate::{LoadRequest, Locator, WeightSpec};
 use super::text_encoders::{
     CLIP_L, ClipSize, OnDemand, PenultimateClip, PromptTokenizer, T5_XXL, T5Encoder, Tokens,
-    t5_dtype, truncation_warnings,
+    t5_dtype, t5_width, truncation_warnings,
 };
 use super::{Conditioning, Family, FlowModel, LatentPreview};
 use crate::nodes::InputError;
@@ -270,18 +270,12 @@ impl Sd3Model {
         }
         check_text_widths(&mmdit, &config, clip_l.is_some() || clip_g.is_some(), &t5)?;
 
-        let beside = |piece: &Piece| {
-            piece.files[0]
-                .parent()
-                .map(|p| p.to_path_buf())
-                .unwrap_or_default()
-        };
         let clip_tokenizer = match clip_l.as_ref().or(clip_g.as_ref()) {
             Some(clip) => Some(locator.file(
                 "the CLIP tokenizer (tokenizer.json)",
                 "clip_tokenizer",
                 CLIP_TOKENIZER_NAMES,
-                &beside(clip),
+                clip,
             )?),
             None => None,
         };
@@ -299,7 +293,7 @@ impl Sd3Model {
                 "the T5 tokenizer (tokenizer.json)",
                 "t5_tokenizer",
                 T5_TOKENIZER_NAMES,
-                &beside(piece),
+                piece,
             )?)?),
             None => None,
         };
@@ -524,12 +518,7 @@ fn check_text_widths(
         )));
     }
     if let Some(t5) = t5 {
-        let name = if t5.has("shared.weight") {
-            "shared.weight"
-        } else {
-            "encoder.embed_tokens.weight"
-        };
-        let width = t5.dim(name, 2, 1)?;
+        let width = t5_width(t5)?;
         if width != config.context_embed_size {
             return Err(InputError(format!(
                 "{} makes {width}-wide embeddings but {}'s context_embedder takes {}: they are \

@@ -243,10 +243,7 @@ pub struct T5Encoder {
 impl T5Encoder {
     /// Derives the configuration from the tensor shapes in `piece` and loads it.
     pub fn load(piece: &Piece, dtype: DType, device: &Device) -> anyhow::Result<T5Encoder> {
-        let embedding = ["shared.weight", "encoder.embed_tokens.weight"]
-            .into_iter()
-            .find(|name| piece.has(name))
-            .unwrap_or("shared.weight");
+        let embedding = t5_embedding(piece);
         let (vocab_size, d_model) = (piece.dim(embedding, 2, 0)?, piece.dim(embedding, 2, 1)?);
         let attention = "encoder.block.0.layer.0.SelfAttention";
         let bias = format!("{attention}.relative_attention_bias.weight");
@@ -416,6 +413,19 @@ impl<T> OnDemand<T> {
         }
         result
     }
+}
+
+/// The name of T5's token embedding in `piece` (`shared.weight` in most files).
+fn t5_embedding(piece: &Piece) -> &'static str {
+    ["shared.weight", "encoder.embed_tokens.weight"]
+        .into_iter()
+        .find(|name| piece.has(name))
+        .unwrap_or("shared.weight")
+}
+
+/// The width of the embeddings the T5 in `piece` makes.
+pub fn t5_width(piece: &Piece) -> Result<usize, InputError> {
+    piece.dim(t5_embedding(piece), 2, 1)
 }
 
 /// The precision T5 runs at: f16 overflows inside T5's feed-forward layers, so a model asked
