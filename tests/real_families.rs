@@ -115,6 +115,29 @@ impl Tensors {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         candle_core::safetensors::save(&self.map, path).unwrap();
     }
+
+    /// Writes the tensors as GGUF the way quantized FLUX releases are: matrices as Q8_0,
+    /// vectors as F32.
+    fn save_gguf(&self, path: &Path) {
+        use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+        let mut names: Vec<&String> = self.map.keys().collect();
+        names.sort();
+        let quantized: Vec<(&str, QTensor)> = names
+            .iter()
+            .map(|name| {
+                let t = self.map[*name].to_dtype(DType::F32).unwrap();
+                let dtype = if t.rank() == 2 {
+                    GgmlDType::Q8_0
+                } else {
+                    GgmlDType::F32
+                };
+                (name.as_str(), QTensor::quantize(&t, dtype).unwrap())
+            })
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = quantized.iter().map(|(n, q)| (*n, q)).collect();
+        let mut file = std::fs::File::create(path).unwrap();
+        gguf_file::write(&mut file, &[], &refs).unwrap();
+    }
 }
 
 /// A FLUX transformer in Black Forest Labs' layout: `double_blocks`, `single_blocks`, and for
@@ -665,6 +688,40 @@ fn prompts_change_the_conditioning_and_the_velocity() {
     .to_scalar::<f32>()
     .unwrap();
     assert!(difference > 1e-5, "{difference}");
+}
+
+#[test]
+fn a_quantized_gguf_transformer_runs_close_to_its_safetensors_original() {
+    let dir = tempfile::tempdir().unwrap();
+    let full = load(
+        "flux-schnell",
+        &flat_folder(&dir.path().join("full"), false),
+    )
+    .unwrap();
+    let folder = flat_folder(&dir.path().join("gguf"), false);
+    std::fs::remove_file(folder.join("flux1-schnell.safetensors")).unwrap();
+    flux_transformer(false, "").save_gguf(&folder.join("flux1-schnell-Q8_0.gguf"));
+    let quantized = load("flux-schnell", &folder).unwrap();
+    assert!(
+        quantized.describe().contains("quantized GGUF"),
+        "{}",
+        quantized.describe()
+    );
+
+    let x = flowline::flow::noise::gaussian(9, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let velocity = |model: &dyn FlowModel| {
+        let cond = model.encode_prompt("a red star").unwrap();
+        model.velocity(&x, 0.5, &cond).unwrap()
+    };
+    let (exact, approximate) = (velocity(full.as_ref()), velocity(quantized.as_ref()));
+    let max = |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+    let error = max(&(&exact - &approximate).unwrap());
+    assert!(error > 0.0, "Q8_0 weights cannot be exact");
+    assert!(
+        error < 0.05 * max(&exact),
+        "error {error} against {}",
+        max(&exact)
+    );
 }
 
 #[test]

@@ -3,16 +3,19 @@
 //!
 //! A safetensors header lists every tensor's name, dtype and shape, so a family can detect what
 //! a file is, derive its network sizes and estimate the memory a load needs without touching the
-//! weights. Pickle-based formats (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused: unpickling runs
-//! whatever code the file carries.
+//! weights. GGUF files (quantized weights, for the families candle has quantized networks for)
+//! list the same in their own header. Pickle-based formats (`.ckpt`, `.pt`, `.pth`, `.bin`) are
+//! refused: unpickling runs whatever code the file carries.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
+use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
 use serde::Deserialize;
 
 use crate::nodes::InputError;
@@ -40,11 +43,20 @@ pub fn refuse_pickle(path: &Path) -> Result<(), InputError> {
     Ok(())
 }
 
+/// Whether `path` is a GGUF file.
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 /// One tensor as its header describes it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TensorInfo {
     pub dtype: String,
     pub shape: Vec<usize>,
+    /// The bytes of a GGUF tensor, which stays quantized once loaded.
+    #[serde(skip)]
+    pub quantized_bytes: Option<u64>,
 }
 
 impl TensorInfo {
@@ -75,6 +87,9 @@ impl Header {
     /// Reads the header of `path`; errors name the file.
     pub fn read(path: &Path) -> Result<Header, InputError> {
         refuse_pickle(path)?;
+        if is_gguf(path) {
+            return Self::read_gguf(path);
+        }
         let broken = |why: String| InputError(format!("{} {why}", path.display()));
         let mut file = File::open(path).map_err(|e| broken(format!("cannot be opened: {e}")))?;
         let mut length = [0u8; 8];
@@ -100,6 +115,32 @@ impl Header {
                 .map_err(|e| broken(format!("describes tensor {name} badly: {e}")))?;
             tensors.insert(name, info);
         }
+        Ok(Header {
+            path: path.to_path_buf(),
+            tensors,
+        })
+    }
+
+    fn read_gguf(path: &Path) -> Result<Header, InputError> {
+        let mut file = File::open(path)
+            .map_err(|e| InputError(format!("{} cannot be opened: {e}", path.display())))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| InputError(format!("{} has a broken GGUF header: {e}", path.display())))?;
+        let tensors = content
+            .tensor_infos
+            .into_iter()
+            .map(|(name, info)| {
+                let dtype = info.ggml_dtype;
+                let values = info.shape.elem_count();
+                let bytes = values / dtype.block_size() * dtype.type_size();
+                let info = TensorInfo {
+                    dtype: format!("{dtype:?}"),
+                    shape: info.shape.dims().to_vec(),
+                    quantized_bytes: Some(bytes as u64),
+                };
+                (name, info)
+            })
+            .collect();
         Ok(Header {
             path: path.to_path_buf(),
             tensors,
@@ -197,11 +238,20 @@ impl Piece {
         indices.len()
     }
 
-    /// Bytes the piece takes once loaded as `dtype` (integer tensors keep their size).
+    /// Whether the piece is in a GGUF file (quantized weights).
+    pub fn is_gguf(&self) -> bool {
+        self.files.iter().any(|f| is_gguf(f))
+    }
+
+    /// Bytes the piece takes once loaded as `dtype` (integer tensors keep their size, GGUF
+    /// tensors stay quantized).
     pub fn loaded_bytes(&self, dtype: DType) -> u64 {
         self.tensors
             .values()
             .map(|t| {
+                if let Some(bytes) = t.quantized_bytes {
+                    return bytes;
+                }
                 let stored = t.stored_bytes_per_value().unwrap_or(4);
                 let floating = t.dtype.starts_with('F') || t.dtype == "BF16";
                 let per_value = if floating {
@@ -224,6 +274,16 @@ impl Piece {
         // Flowline assumes nobody rewrites a weight file while it is being loaded.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype, device) }
             .map_err(|e| InputError(format!("cannot map {}: {e}", self.location())))?;
+        Ok(match self.prefix.strip_suffix('.') {
+            Some(prefix) => vb.pp(prefix),
+            None => vb,
+        })
+    }
+
+    /// A variable builder over the piece's GGUF file, keeping the weights quantized.
+    pub fn quantized_var_builder(&self, device: &Device) -> anyhow::Result<QuantizedVarBuilder> {
+        let vb = QuantizedVarBuilder::from_gguf(&self.files[0], device)
+            .map_err(|e| InputError(format!("cannot read {}: {e}", self.location())))?;
         Ok(match self.prefix.strip_suffix('.') {
             Some(prefix) => vb.pp(prefix),
             None => vb,

@@ -2,7 +2,8 @@
 //! transformer and autoencoder under Flowline's sampler.
 //!
 //! Pieces: the transformer (`flux1-schnell.safetensors` / `flux1-dev.safetensors`, original
-//! layout, optionally inside a single-file checkpoint under `model.diffusion_model.`), the
+//! layout, optionally inside a single-file checkpoint under `model.diffusion_model.`, or a
+//! quantized `.gguf` run by candle's quantized FLUX), the
 //! autoencoder (`ae.safetensors`), CLIP-L, T5-XXL and the two `tokenizer.json` files. Every
 //! network size is read from the tensor shapes, so pruned and tiny variants load as well.
 //!
@@ -16,6 +17,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::flux::WithForward;
 use candle_transformers::models::flux::model::{Config as TransformerConfig, Flux};
+use candle_transformers::models::flux::quantized_model::Flux as QuantizedFlux;
 use candle_transformers::models::flux::sampling::{State, unpack};
 
 use super::autoencoder::{
@@ -92,11 +94,17 @@ impl Variant {
                     "flux1-schnell*.safetensors",
                     "unet/flux1-schnell*.safetensors",
                     "diffusion_models/flux1-schnell*.safetensors",
+                    "flux1-schnell*.gguf",
+                    "unet/flux1-schnell*.gguf",
+                    "diffusion_models/flux1-schnell*.gguf",
                 ],
                 Variant::Dev => &[
                     "flux1-dev*.safetensors",
                     "unet/flux1-dev*.safetensors",
                     "diffusion_models/flux1-dev*.safetensors",
+                    "flux1-dev*.gguf",
+                    "unet/flux1-dev*.gguf",
+                    "diffusion_models/flux1-dev*.gguf",
                 ],
             },
         }
@@ -168,10 +176,15 @@ struct TextStage {
 /// A loaded FLUX.1 model.
 pub struct FluxModel {
     variant: Variant,
-    transformer: Flux,
+    /// The transformer, from safetensors or quantized from GGUF.
+    transformer: Box<dyn WithForward + Send + Sync>,
+    /// The precision the transformer computes at: the chosen one, or f32 for GGUF weights
+    /// (dequantized on the fly by candle's quantized FLUX).
+    network_dtype: DType,
     guidance_input: bool,
     autoencoder: LatentAutoencoder,
     text: TextStage,
+    /// The precision of the text encoders (T5 adjusted by [`t5_dtype`]).
     dtype: DType,
     device: Device,
     preview: LatentPreview,
@@ -238,23 +251,38 @@ impl FluxModel {
             check_fits(variant.title(), needed, available_memory())?;
         }
         let device = &request.device;
-        let network = Flux::new(&transformer_config, transformer.var_builder(dtype, device)?)
-            .map_err(|e| transformer.load_error(e))?;
+        let (network, network_dtype): (Box<dyn WithForward + Send + Sync>, DType) =
+            if transformer.is_gguf() {
+                let vb = transformer.quantized_var_builder(device)?;
+                let network = QuantizedFlux::new(&transformer_config, vb)
+                    .map_err(|e| transformer.load_error(e))?;
+                (Box::new(network), DType::F32)
+            } else {
+                let vb = transformer.var_builder(dtype, device)?;
+                let network =
+                    Flux::new(&transformer_config, vb).map_err(|e| transformer.load_error(e))?;
+                (Box::new(network), dtype)
+            };
         let autoencoder =
             LatentAutoencoder::load(&autoencoder, LATENT_SCALE, LATENT_SHIFT, device)?;
         let description = format!(
-            "{} ({} double + {} single blocks, width {}; {:?} on {:?}; about {} of weights)",
+            "{} ({} double + {} single blocks, width {}; {} on {:?}; about {} of weights)",
             variant.title(),
             transformer_config.depth,
             transformer_config.depth_single_blocks,
             transformer_config.hidden_size,
-            dtype,
+            if transformer.is_gguf() {
+                "quantized GGUF".to_string()
+            } else {
+                format!("{dtype:?}")
+            },
             device.location(),
             human_bytes(needed)
         );
         Ok(FluxModel {
             variant,
             transformer: network,
+            network_dtype,
             guidance_input,
             autoencoder,
             text: TextStage {
@@ -417,8 +445,8 @@ impl FlowModel for FluxModel {
         )?;
         let warnings = truncation_warnings(&[("CLIP", &clip_tokens), ("T5", &t5_tokens)]);
         Ok(Conditioning {
-            context: context.to_dtype(self.dtype)?,
-            pooled: Some(pooled.to_dtype(self.dtype)?),
+            context: context.to_dtype(self.network_dtype)?,
+            pooled: Some(pooled.to_dtype(self.network_dtype)?),
             prompt: text.to_string(),
             warnings,
             distilled_guidance: None,
@@ -430,13 +458,14 @@ impl FlowModel for FluxModel {
             anyhow::anyhow!("FLUX needs a pooled CLIP vector in its conditioning")
         })?;
         let (_, _, height, width) = x.dims4()?;
-        let state = State::new(&cond.context, pooled, &x.to_dtype(self.dtype)?)?;
-        let timesteps = Tensor::full(sigma as f32, 1, &self.device)?.to_dtype(self.dtype)?;
+        let dtype = self.network_dtype;
+        let state = State::new(&cond.context, pooled, &x.to_dtype(dtype)?)?;
+        let timesteps = Tensor::full(sigma as f32, 1, &self.device)?.to_dtype(dtype)?;
         let guidance = if self.guidance_input {
             let strength = cond
                 .distilled_guidance
                 .unwrap_or(DEFAULT_DISTILLED_GUIDANCE);
-            Some(Tensor::full(strength as f32, 1, &self.device)?.to_dtype(self.dtype)?)
+            Some(Tensor::full(strength as f32, 1, &self.device)?.to_dtype(dtype)?)
         } else {
             None
         };
