@@ -724,6 +724,50 @@ fn a_quantized_gguf_transformer_runs_close_to_its_safetensors_original() {
     );
 }
 
+/// Diffusers saves CLIP's tokenizer as `vocab.json` + `merges.txt`; assembled from them it
+/// must tokenize exactly as CLIP's `tokenizer.json` does.
+#[test]
+fn clips_vocab_and_merges_tokenize_like_its_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_json = load(
+        "flux-schnell",
+        &flat_folder(&dir.path().join("json"), false),
+    )
+    .unwrap();
+    let folder = flat_folder(&dir.path().join("diffusers"), false);
+    std::fs::remove_file(folder.join("tokenizer/tokenizer.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&clip_tokenizer_json().0).unwrap();
+    write(
+        &folder.join("tokenizer/vocab.json"),
+        &json["model"]["vocab"].to_string(),
+    );
+    let merges: Vec<&str> = json["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    write(
+        &folder.join("tokenizer/merges.txt"),
+        &format!("#version: 0.2\n{}\n", merges.join("\n")),
+    );
+    let with_vocab = load("flux-schnell", &folder).unwrap();
+    for prompt in ["a red star", "  A RED   star, stars!"] {
+        let a = with_json.encode_prompt(prompt).unwrap();
+        let b = with_vocab.encode_prompt(prompt).unwrap();
+        let (a, b) = (a.pooled.unwrap(), b.pooled.unwrap());
+        let difference: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(difference, 0.0, "{prompt:?}");
+    }
+}
+
 #[test]
 fn a_single_file_checkpoint_holds_every_piece() {
     let dir = tempfile::tempdir().unwrap();

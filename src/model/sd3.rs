@@ -178,12 +178,15 @@ const SD3_T5: WeightSpec = WeightSpec {
     ..T5_XXL
 };
 
-/// Usual places of the CLIP `tokenizer.json` (CLIP-L and CLIP-G share its vocabulary).
+/// Usual places of CLIP's tokenizer (CLIP-L and CLIP-G share its vocabulary): a
+/// `tokenizer.json`, or diffusers' `vocab.json` with `merges.txt` beside it.
 const CLIP_TOKENIZER_NAMES: &[&str] = &[
     "tokenizer/tokenizer.json",
     "tokenizer_2/tokenizer.json",
     "clip_l.tokenizer.json",
     "clip_g.tokenizer.json",
+    "tokenizer/vocab.json",
+    "tokenizer_2/vocab.json",
 ];
 /// Usual places of the T5 `tokenizer.json`.
 const T5_TOKENIZER_NAMES: &[&str] = &["tokenizer_3/tokenizer.json", "t5xxl.tokenizer.json"];

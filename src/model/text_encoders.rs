@@ -61,8 +61,19 @@ pub const T5_XXL: WeightSpec = WeightSpec {
     ],
 };
 
-/// Usual places of CLIP's `tokenizer.json`.
-pub const CLIP_TOKENIZER_NAMES: &[&str] = &["tokenizer/tokenizer.json", "clip_l.tokenizer.json"];
+/// Usual places of CLIP's tokenizer: a `tokenizer.json`, or diffusers' `vocab.json` (with
+/// `merges.txt` beside it).
+pub const CLIP_TOKENIZER_NAMES: &[&str] = &[
+    "tokenizer/tokenizer.json",
+    "clip_l.tokenizer.json",
+    "tokenizer/vocab.json",
+];
+/// The file names of CLIP's tokenizer as diffusers saves it.
+const CLIP_VOCABULARY: &str = "vocab.json";
+const CLIP_MERGES: &str = "merges.txt";
+/// How CLIP splits text into words before byte-pair encoding (from CLIP's `tokenizer.json`).
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// Usual places of T5's `tokenizer.json`.
 pub const T5_TOKENIZER_NAMES: &[&str] = &["tokenizer_2/tokenizer.json", "t5xxl.tokenizer.json"];
 
@@ -72,6 +83,7 @@ const CLIP_HEAD_DIM: usize = 64;
 const T5_MAX_DISTANCE: usize = 128;
 
 /// A `tokenizer.json` with the special tokens a prompt is framed by.
+#[derive(Clone)]
 pub struct PromptTokenizer {
     tokenizer: tokenizers::Tokenizer,
     path: PathBuf,
@@ -92,8 +104,14 @@ pub struct Tokens {
 
 impl PromptTokenizer {
     /// CLIP's tokenizer: `<|startoftext|>` prompt `<|endoftext|>`, padded with end tokens.
+    /// `path` is its `tokenizer.json`, or the `vocab.json` of a `vocab.json` + `merges.txt`
+    /// pair (the form diffusers saves CLIP's tokenizer in).
     pub fn clip(path: &Path) -> Result<PromptTokenizer, InputError> {
-        let tokenizer = read_tokenizer(path)?;
+        let tokenizer = if path.file_name().is_some_and(|n| n == CLIP_VOCABULARY) {
+            clip_from_vocabulary(path, &path.with_file_name(CLIP_MERGES))?
+        } else {
+            read_tokenizer(path)?
+        };
         let start = special(&tokenizer, path, "<|startoftext|>")?;
         let end = special(&tokenizer, path, "<|endoftext|>")?;
         Ok(PromptTokenizer {
@@ -171,6 +189,68 @@ pub fn truncation_warnings(encoded: &[(&str, &Tokens)]) -> Vec<String> {
             )
         })
         .collect()
+}
+
+/// CLIP's tokenizer assembled from `vocab.json` and `merges.txt` the way its `tokenizer.json`
+/// is: NFC, whitespace runs to one space and lower case; CLIP's word split and byte-level
+/// mapping; byte-pair encoding with `</w>` word ends; start and end tokens around the prompt.
+fn clip_from_vocabulary(
+    vocab: &Path,
+    merges_path: &Path,
+) -> Result<tokenizers::Tokenizer, InputError> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| {
+            InputError(format!(
+                "cannot read tokenizer file {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    let vocabulary: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&read(vocab)?)
+            .map_err(|e| InputError(format!("{} is not a vocabulary: {e}", vocab.display())))?;
+    let merges_text = read(merges_path)?;
+    let merges: Vec<&str> = merges_text
+        .lines()
+        .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
+        .collect();
+    let id = |token: &str| {
+        vocabulary
+            .get(token)
+            .and_then(|id| id.as_u64())
+            .ok_or_else(|| InputError(format!("{} has no {token} token", vocab.display())))
+    };
+    let (start, end) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
+    let special = |id: u64, content: &str| {
+        serde_json::json!({"id": id, "content": content, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": true, "special": true})
+    };
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [special(start, "<|startoftext|>"), special(end, "<|endoftext|>")],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]},
+        "post_processor": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", end],
+            "cls": ["<|startoftext|>", start], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": "<|endoftext|>",
+            "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false,
+            "byte_fallback": false, "ignore_merges": false, "vocab": vocabulary, "merges": merges}
+    });
+    json.to_string().parse().map_err(|e| {
+        InputError(format!(
+            "cannot build CLIP's tokenizer from {} and {}: {e}",
+            vocab.display(),
+            merges_path.display()
+        ))
+    })
 }
 
 fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer, InputError> {
