@@ -67,6 +67,25 @@ impl Tensors {
         self.map.insert(format!("{}{name}", self.prefix), t);
     }
 
+    /// Deterministic values of `scale` amplitude, cheap enough for released-size tensors.
+    fn pattern(&mut self, name: &str, shape: &[usize], scale: f64) {
+        let n: usize = shape.iter().product();
+        let offset = self.map.len() as f64;
+        // An integer arange: counting in f32 stalls at 2^24.
+        let index = Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap();
+        let t = ((index.to_dtype(DType::F32).unwrap() * 0.7548).unwrap() + offset)
+            .unwrap()
+            .sin()
+            .unwrap();
+        let t = (t * scale)
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
+            .to_dtype(self.dtype)
+            .unwrap();
+        self.map.insert(format!("{}{name}", self.prefix), t);
+    }
+
     fn constant(&mut self, name: &str, shape: &[usize], value: f32) {
         let t = (Tensor::ones(shape, DType::F32, &Device::Cpu).unwrap() * value as f64)
             .unwrap()
@@ -281,8 +300,12 @@ fn clip_l(prefix: &str, vocab: usize) -> Tensors {
 /// The T5 v1.1 encoder in the layout of `t5xxl_fp16.safetensors`: gated-GELU feed-forward,
 /// relative attention bias in the first block, two blocks of two heads.
 fn t5(prefix: &str, vocab: usize) -> Tensors {
+    t5_of_width(prefix, vocab, T5_WIDTH)
+}
+
+fn t5_of_width(prefix: &str, vocab: usize, d: usize) -> Tensors {
     let mut t = Tensors::new(4, DType::F16).with_prefix(prefix);
-    let (d, inner, ff) = (T5_WIDTH, 32, 64);
+    let (inner, ff) = (32, 64);
     t.random("shared.weight", &[vocab, d], 1.0);
     for block in 0..2 {
         let b = format!("encoder.block.{block}.layer");
@@ -978,6 +1001,10 @@ fn the_command_line_runs_flux_schnell_and_exits_2_on_a_bad_path() {
 /// joint blocks of one 16-wide head each; `medium` adds the MMDiT-X second attention to the
 /// first block. The pooled input is CLIP-L + CLIP-G wide (2048), the context T5 wide.
 fn mmdit(medium: bool, prefix: &str) -> Tensors {
+    mmdit_with_context(medium, prefix, T5_WIDTH)
+}
+
+fn mmdit_with_context(medium: bool, prefix: &str, context: usize) -> Tensors {
     let mut t = Tensors::new(5, DType::F16).with_prefix(prefix);
     let h = 32;
     t.conv("x_embedder.proj", h, 16, 2);
@@ -986,7 +1013,7 @@ fn mmdit(medium: bool, prefix: &str) -> Tensors {
     t.linear("t_embedder.mlp.2", h, h);
     t.linear("y_embedder.mlp.0", h, 2048);
     t.linear("y_embedder.mlp.2", h, h);
-    t.linear("context_embedder", h, T5_WIDTH);
+    t.linear("context_embedder", h, context);
     let attention = |t: &mut Tensors, name: &str, qkv_only: bool| {
         t.linear(&format!("{name}.qkv"), 3 * h, h);
         t.constant(&format!("{name}.ln_q.weight"), &[16], 1.0);
@@ -1186,4 +1213,92 @@ fn discovery_names_sd35_models() {
         (found[0].family, &found[0].path),
         ("sd3.5-medium", &snapshot)
     );
+}
+
+/// CLIP-L at its released size (candle's CLIP for SD3 has fixed sizes), in the layout of
+/// Stability's `text_encoders/clip_l.safetensors`, with cheap patterned weights.
+fn released_clip_l() -> Tensors {
+    let mut t = Tensors::new(6, DType::F16);
+    let w = 768;
+    t.pattern(
+        "text_model.embeddings.token_embedding.weight",
+        &[49408, w],
+        0.5,
+    );
+    t.pattern(
+        "text_model.embeddings.position_embedding.weight",
+        &[77, w],
+        0.1,
+    );
+    for layer in 0..12 {
+        let l = format!("text_model.encoder.layers.{layer}");
+        for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            t.pattern(&format!("{l}.self_attn.{proj}.weight"), &[w, w], 0.03);
+            t.pattern(&format!("{l}.self_attn.{proj}.bias"), &[w], 0.01);
+        }
+        for norm in ["layer_norm1", "layer_norm2"] {
+            t.constant(&format!("{l}.{norm}.weight"), &[w], 1.0);
+            t.constant(&format!("{l}.{norm}.bias"), &[w], 0.0);
+        }
+        t.pattern(&format!("{l}.mlp.fc1.weight"), &[4 * w, w], 0.03);
+        t.pattern(&format!("{l}.mlp.fc1.bias"), &[4 * w], 0.01);
+        t.pattern(&format!("{l}.mlp.fc2.weight"), &[w, 4 * w], 0.015);
+        t.pattern(&format!("{l}.mlp.fc2.bias"), &[w], 0.01);
+    }
+    t.constant("text_model.final_layer_norm.weight", &[w], 1.0);
+    t.constant("text_model.final_layer_norm.bias", &[w], 0.0);
+    t.pattern("text_projection.weight", &[w, w], 0.03);
+    t
+}
+
+/// With a released-size CLIP-L and no CLIP-G, the conditioning is CLIP-L's penultimate states
+/// beside zeros for CLIP-G, padded to the context width, then T5; the pooled vector is
+/// CLIP-L's projection beside zeros.
+#[test]
+fn sd35_conditioning_with_a_released_clip_l() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path();
+    let (clip_tokenizer, _) = clip_tokenizer_json();
+    let (t5_tokenizer, t5_vocab) = t5_tokenizer_json();
+    let context = 2048 + 64;
+    mmdit_with_context(false, "model.diffusion_model.", context)
+        .merge(flux_autoencoder("first_stage_model."))
+        .save(&folder.join("sd3.5_large.safetensors"));
+    t5_of_width("", t5_vocab, context).save(&folder.join("text_encoders/t5xxl_fp16.safetensors"));
+    released_clip_l().save(&folder.join("text_encoders/clip_l.safetensors"));
+    write(&folder.join("tokenizer/tokenizer.json"), &clip_tokenizer);
+    write(&folder.join("tokenizer_3/tokenizer.json"), &t5_tokenizer);
+    let mut request = LoadRequest::new(folder, &Device::Cpu);
+    request
+        .pieces
+        .insert("clip_g".into(), PathBuf::from("none"));
+    let model = load_request("sd3.5-large", &request).unwrap();
+    let cond = model.encode_prompt("a red star").unwrap();
+    assert_eq!(cond.context.dims(), [1, 154, context]);
+    let pooled = cond.pooled.as_ref().unwrap().to_dtype(DType::F32).unwrap();
+    assert_eq!(pooled.dims(), [1, 2048]);
+    let largest = |t: Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+    assert!(
+        largest(pooled.narrow(1, 0, 768).unwrap()) > 0.0,
+        "CLIP-L pooled is missing"
+    );
+    assert_eq!(
+        largest(pooled.narrow(1, 768, 1280).unwrap()),
+        0.0,
+        "CLIP-G is left out"
+    );
+    let clip_part = cond
+        .context
+        .narrow(1, 0, 77)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    assert!(largest(clip_part.narrow(2, 0, 768).unwrap()) > 0.0);
+    assert_eq!(
+        largest(clip_part.narrow(2, 768, context - 768).unwrap()),
+        0.0
+    );
+    let x = flowline::flow::noise::gaussian(2, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let v = model.velocity(&x, 0.5, &cond).unwrap();
+    assert_eq!(v.dims(), [1, 16, 4, 4]);
 }
