@@ -1302,3 +1302,65 @@ fn sd35_conditioning_with_a_released_clip_l() {
     let v = model.velocity(&x, 0.5, &cond).unwrap();
     assert_eq!(v.dims(), [1, 16, 4, 4]);
 }
+
+#[test]
+fn the_models_command_lists_the_cache_and_a_models_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let snapshot = dir
+        .path()
+        .join("hf/hub/models--black-forest-labs--FLUX.1-dev/snapshots/cafe");
+    flux_transformer(true, "").save(&snapshot.join("flux1-dev.safetensors"));
+    let models = dir.path().join("ComfyUI/models");
+    let transformer = comfyui_models(&models, false);
+    let output = Command::new(env!("CARGO_BIN_EXE_flowline"))
+        .args(["models", "--dir", models.to_str().unwrap()])
+        .env("HF_HOME", dir.path().join("hf"))
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let line = |path: &Path| {
+        stdout
+            .lines()
+            .find(|l| l.contains(&path.display().to_string()))
+            .unwrap_or_else(|| panic!("{} is not listed: {stdout}", path.display()))
+            .to_string()
+    };
+    assert!(line(&snapshot).starts_with("flux-dev"), "{stdout}");
+    assert!(
+        line(&snapshot).contains("black-forest-labs/FLUX.1-dev"),
+        "{stdout}"
+    );
+    assert!(line(&transformer).starts_with("flux-schnell"), "{stdout}");
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_gpu_device_this_build_lacks_is_bad_input_saying_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut workflow = tiny_workflow("flux-schnell.json", &flat_folder(dir.path(), false));
+    workflow.apply_assignment("model.device=cuda").unwrap();
+    let mut executor = Executor::spawn();
+    executor.run(workflow.graph, RunEnv::default());
+    loop {
+        match executor
+            .events()
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap()
+        {
+            Event::RunFailed { failure, .. } => {
+                let message = format!("{failure:?}");
+                assert!(
+                    message.contains("device cuda is not available"),
+                    "{message}"
+                );
+                assert!(message.contains("--features cuda"), "{message}");
+                assert!(message.contains("bad_input: true"), "{message}");
+                return;
+            }
+            event if event.is_terminal() => panic!("{event:?}"),
+            _ => {}
+        }
+    }
+}
