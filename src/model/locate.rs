@@ -69,7 +69,8 @@ pub struct Locator<'a> {
     request: &'a LoadRequest,
     /// The folder usual names are relative to.
     folder: PathBuf,
-    /// The header of `request.path` when it is a file.
+    /// The checkpoint file other pieces are looked for in first: `request.path` when it is a
+    /// file, else the file the main piece was found in.
     single_file: Option<Header>,
 }
 
@@ -132,7 +133,12 @@ impl<'a> Locator<'a> {
                     spec.param
                 )));
             }
-            return piece_from(spec, &[Header::read(path)?]);
+            let header = Header::read(path)?;
+            let piece = piece_from(spec, std::slice::from_ref(&header))?;
+            if spec.main {
+                self.single_file = Some(header);
+            }
+            return Ok(piece);
         }
         if let Some(header) = &self.single_file {
             if spec.main {
