@@ -4,8 +4,9 @@
 //! Pieces: the MMDiT (`sd3.5_large.safetensors` / `sd3.5_medium.safetensors`, Stability's
 //! single-file layout with the MMDiT under `model.diffusion_model.` and the autoencoder under
 //! `first_stage_model.`), CLIP-L, CLIP-G and T5-XXL (Stability's `text_encoders/` folder or
-//! ComfyUI's `clip/`), and the CLIP and T5 `tokenizer.json` files. Any text encoder may be set
-//! to `none`: as in ComfyUI, its part of the conditioning is then zeros.
+//! ComfyUI's `clip/`), and the CLIP and T5 tokenizers. Any text encoder may be set to `none`:
+//! as in ComfyUI, a left-out CLIP's part of the conditioning is zeros and a left-out T5's
+//! tokens are dropped.
 //!
 //! The MMDiT takes the noise level as `t = 1000·σ` and predicts `ε − x0`, Flowline's velocity.
 //! candle's MMDiT computes its timestep embedding in f16, so the MMDiT always runs at f16; the
