@@ -1364,3 +1364,36 @@ fn a_gpu_device_this_build_lacks_is_bad_input_saying_how_to_get_it() {
         }
     }
 }
+
+/// `free` loads the text encoders for each prompt and drops them after; `keep` holds them.
+/// Removing the T5 file after a first prompt tells the two apart.
+#[test]
+fn text_encoders_are_freed_after_a_prompt_unless_kept() {
+    for keep in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = flat_folder(dir.path(), false);
+        let mut request = LoadRequest::new(&folder, &Device::Cpu);
+        request.keep_text_encoders = keep;
+        let model = load_request("flux-schnell", &request).unwrap();
+        let first = model.encode_prompt("a red star").unwrap();
+        std::fs::remove_file(folder.join("t5xxl_fp16.safetensors")).unwrap();
+        match model.encode_prompt("a red star") {
+            Ok(again) => {
+                assert!(keep, "freed encoders were still loaded");
+                let difference: f32 = (first.context - again.context)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert_eq!(difference, 0.0);
+            }
+            Err(e) => {
+                assert!(!keep, "kept encoders were reloaded: {e:#}");
+                assert!(format!("{e:#}").contains("t5xxl_fp16.safetensors"), "{e:#}");
+            }
+        }
+    }
+}
