@@ -107,6 +107,12 @@ pub enum Event {
         node: String,
         message: String,
     },
+    /// Something worth knowing that is not a problem, e.g. the memory a model load needs.
+    Info {
+        run: RunId,
+        node: String,
+        message: String,
+    },
     Step {
         run: RunId,
         node: String,
@@ -147,6 +153,7 @@ impl Event {
             | Event::NodeFinished { run, .. }
             | Event::NodeFailed { run, .. }
             | Event::Warning { run, .. }
+            | Event::Info { run, .. }
             | Event::Step { run, .. }
             | Event::Trajectory { run, .. }
             | Event::Image { run, .. }
@@ -475,6 +482,7 @@ impl Worker {
                 }
             },
             NodeEvent::Warning(message) => self.send(Event::Warning { run, node, message }),
+            NodeEvent::Info(message) => self.send(Event::Info { run, node, message }),
         }
         ControlFlow::Continue(())
     }

@@ -38,6 +38,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Trains the embedded shapes model.
     Train(cli::train::TrainArgs),
+    /// Lists models found in the Hugging Face cache and a ComfyUI-style models folder.
+    Models(cli::models::ModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,5 +52,6 @@ fn main() -> ExitCode {
         Some(Command::Eval(args)) => cli::eval::eval(args),
         Some(Command::Open { file }) => app::launch(Some(file)),
         None => app::launch(None),
+        Some(Command::Models(args)) => cli::models::models(args),
     }
 }

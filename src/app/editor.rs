@@ -417,6 +417,7 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
     fn has_footer(&mut self, node: &Node) -> bool {
         self.runs.problem(&node.id).is_some()
             || self.runs.warnings.iter().any(|(n, _)| *n == node.id)
+            || self.runs.infos.iter().any(|(n, _)| *n == node.id)
     }
 
     fn show_footer(
@@ -431,6 +432,9 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         ui.set_max_width(260.0);
         if let Some(problem) = self.runs.problem(id) {
             ui.label(RichText::new(problem).color(Color32::from_rgb(255, 110, 110)));
+        }
+        for (_, info) in self.runs.infos.iter().filter(|(n, _)| n == id) {
+            ui.label(RichText::new(info).weak());
         }
         for (_, warning) in self.runs.warnings.iter().filter(|(n, _)| n == id) {
             ui.label(RichText::new(format!("⚠ {warning}")).color(Color32::from_rgb(240, 200, 90)));

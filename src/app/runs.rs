@@ -52,6 +52,8 @@ pub struct Runs {
     /// Problems found before anything ran, per node (a graph-wide problem under "").
     pub invalid: HashMap<String, Vec<String>>,
     pub warnings: Vec<(String, String)>,
+    /// Things a node reported for the user's information (e.g. memory a model load needs).
+    pub infos: Vec<(String, String)>,
     /// Every sampler step of the shown run, in order.
     pub steps: Vec<StepUpdate>,
     /// The σ values and straightness of the shown run's finished sampler.
@@ -100,6 +102,7 @@ impl Runs {
             self.node_status.clear();
             self.invalid.clear();
             self.warnings.clear();
+            self.infos.clear();
             self.steps.clear();
             self.trajectory = None;
             self.outcome = None;
@@ -142,6 +145,7 @@ impl Runs {
                 self.node_status.insert(node, NodeStatus::Failed(message));
             }
             Event::Warning { node, message, .. } => self.warnings.push((node, message)),
+            Event::Info { node, message, .. } => self.infos.push((node, message)),
             Event::Step { step, .. } => {
                 if step.record.index == 0 {
                     self.steps.clear();

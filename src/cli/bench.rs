@@ -20,7 +20,7 @@ use flowline::flow::noise::gaussian;
 use flowline::flow::sampler::{SamplerKind, sample};
 use flowline::flow::schedule::Scheduler;
 use flowline::graph::ParamValue;
-use flowline::model::{FAMILY_NAMES, family};
+use flowline::model::{FAMILY_NAMES, LoadRequest, family};
 use flowline::nodes::RunEnv;
 use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
@@ -159,7 +159,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
         _ => FAMILY_NAMES[0].to_string(),
     };
     let family = family(&family_name).with_context(|| format!("no model family {family_name}"))?;
-    let model = (family.load)(Path::new(""), &Device::Cpu)?;
+    let model = (family.load)(&LoadRequest::new("", &Device::Cpu), &mut |_| {})?;
     let shape = model.latent_shape(64, 64)?;
     let conditioning = model.encode_prompt("a red circle")?;
     let x = gaussian(3, shape, &Device::Cpu)?;

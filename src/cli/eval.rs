@@ -10,7 +10,7 @@ use flowline::files::write_atomic;
 use flowline::flow::guidance::{Guidance, GuidanceMethod};
 use flowline::flow::sampler::SamplerKind;
 use flowline::flow::schedule::Scheduler;
-use flowline::model::family;
+use flowline::model::{LoadRequest, family};
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
 
@@ -60,7 +60,9 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         }
     }
     let folder = args.model.clone().unwrap_or_default();
-    let model = match (family.load)(&folder, &Device::Cpu) {
+    let model = match (family.load)(&LoadRequest::new(folder, &Device::Cpu), &mut |line| {
+        println!("{line}")
+    }) {
         Ok(m) => m,
         Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
     };

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod dataset;
 pub mod eval;
+pub mod models;
 pub mod run;
 pub mod train;
 

@@ -71,8 +71,9 @@ pub fn run(args: RunArgs) -> ExitCode {
                 progress.println(format!("{node}: {seconds:.2} s"));
             }
             Event::Warning { node, message, .. } => {
-                progress.println(format!("warning: node {node:?}: {message}"));
+                tell(&progress, format!("warning: node {node:?}: {message}"));
             }
+            Event::Info { node, message, .. } => tell(&progress, format!("{node}: {message}")),
             Event::Step { node, step, .. } => {
                 let r = &step.record;
                 progress.set_length(r.steps as u64);
@@ -135,4 +136,14 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Shows a line the user must see: above the progress bar on a terminal, on stderr otherwise
+/// (a hidden bar drops its lines, and logs need warnings too).
+fn tell(progress: &ProgressBar, line: String) {
+    if progress.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        progress.println(line);
+    }
 }

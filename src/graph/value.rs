@@ -116,6 +116,7 @@ mod tests {
             pooled: None,
             prompt: String::new(),
             warnings: vec![],
+            distilled_guidance: None,
         })
     }
 

@@ -9,7 +9,6 @@
 //! serves as the reference a trained model is measured against: it cannot generalise, but it
 //! can never miss the prompt.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -17,7 +16,9 @@ use candle_core::{D, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 
-use super::{Conditioning, Family, FlowModel, LatentPreview, require_size, tensor_from_image};
+use super::{
+    Conditioning, Family, FlowModel, LatentPreview, LoadRequest, require_size, tensor_from_image,
+};
 use crate::dataset::{Caption, Scene};
 use crate::nodes::InputError;
 
@@ -37,9 +38,12 @@ const EXEMPLAR_SEED: u64 = 0x5EED_E4E3;
 /// Smallest σ the posterior is evaluated at (the sampler never evaluates at σ = 0).
 const MIN_SIGMA: f64 = 1e-4;
 
-fn load(_path: &Path, device: &Device) -> anyhow::Result<Arc<dyn FlowModel>> {
+fn load(
+    request: &LoadRequest,
+    _report: &mut dyn FnMut(String),
+) -> anyhow::Result<Arc<dyn FlowModel>> {
     Ok(Arc::new(ExemplarModel {
-        device: device.clone(),
+        device: request.device.clone(),
         preview: LatentPreview {
             matrix: [
                 vec![0.5, 0.0, 0.0],
@@ -117,6 +121,7 @@ impl FlowModel for ExemplarModel {
             pooled: None,
             prompt: text.to_string(),
             warnings,
+            distilled_guidance: None,
         })
     }
 

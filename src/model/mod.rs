@@ -4,10 +4,16 @@
 //! network and autoencoder — so the graph and the sampler never care which family they drive.
 //! Families are found by name in [`FAMILIES`]; each derives its configuration from its files.
 
+pub mod autoencoder;
+pub mod checkpoint;
+pub mod discovery;
 pub mod exemplar;
+pub mod flux;
+pub mod locate;
+pub mod sd3;
 pub mod shapes;
+pub mod text_encoders;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,6 +29,9 @@ pub struct Conditioning {
     pub prompt: String,
     /// Things the user should know, e.g. words the tokenizer does not know and dropped.
     pub warnings: Vec<String>,
+    /// The guidance strength for networks distilled to take it as an input (FLUX.1 [dev]),
+    /// set by the CFG node; `None` leaves the family's default.
+    pub distilled_guidance: Option<f64>,
 }
 
 /// A linear latent→RGB map, `rgb = matrix · latent + bias`, good enough to watch a run.
@@ -34,6 +43,15 @@ pub struct LatentPreview {
 }
 
 impl LatentPreview {
+    /// A map published in ComfyUI's convention (`rgb = factors · latent + bias` in [−1, 1]),
+    /// moved to [0, 1]: factors halved, bias halved and raised by ½.
+    pub fn from_signed<const C: usize>(factors: &[[f32; C]; 3], bias: [f32; 3]) -> LatentPreview {
+        LatentPreview {
+            matrix: factors.map(|row| row.iter().map(|f| f / 2.0).collect()),
+            bias: bias.map(|b| (b + 1.0) / 2.0),
+        }
+    }
+
     /// An sRGB preview of a `[1, C, h, w]` latent, one pixel per latent position.
     pub fn to_rgb(&self, latent: &Tensor) -> candle_core::Result<image::RgbImage> {
         let latent = latent
@@ -92,20 +110,41 @@ pub trait FlowModel: Send + Sync {
     }
 }
 
+/// Loads a family's model for a request; `report` receives lines for the user while it does
+/// (the memory the load needs, before the weights are read).
+pub type LoadFn =
+    fn(&LoadRequest, report: &mut dyn FnMut(String)) -> anyhow::Result<Arc<dyn FlowModel>>;
+
 /// A model family: how to load it from a path.
 pub struct Family {
     pub name: &'static str,
     pub description: &'static str,
     /// Whether the family needs a path (built-in models do not).
     pub needs_path: bool,
-    pub load: fn(&Path, &Device) -> anyhow::Result<Arc<dyn FlowModel>>,
+    pub load: LoadFn,
 }
 
+pub use locate::LoadRequest;
+
 /// Every model family, by name.
-pub const FAMILIES: &[Family] = &[exemplar::FAMILY, shapes::FAMILY];
+pub const FAMILIES: &[Family] = &[
+    exemplar::FAMILY,
+    shapes::FAMILY,
+    flux::SCHNELL,
+    flux::DEV,
+    sd3::LARGE,
+    sd3::MEDIUM,
+];
 
 /// The names of [`FAMILIES`], for the Load Model node's choice.
-pub const FAMILY_NAMES: &[&str] = &[exemplar::FAMILY.name, shapes::FAMILY.name];
+pub const FAMILY_NAMES: &[&str] = &[
+    exemplar::FAMILY.name,
+    shapes::FAMILY.name,
+    flux::SCHNELL.name,
+    flux::DEV.name,
+    sd3::LARGE.name,
+    sd3::MEDIUM.name,
+];
 
 pub fn family(name: &str) -> Option<&'static Family> {
     FAMILIES.iter().find(|f| f.name == name)

@@ -1,5 +1,10 @@
 //! CFG: model + positive + negative conditioning → GUIDER, with the guidance variants that
 //! counter flow models' burn-in at high scales.
+//!
+//! FLUX.1 [dev]'s distilled guidance lives here too: like CFG it is a per-run guidance
+//! setting, not a property of the weights, so changing it must not reload the model (the Load
+//! Model node's output is cached) nor re-encode the prompt. The node stamps it on the
+//! conditionings it passes on; families without a guidance input ignore it.
 
 use std::sync::Arc;
 
@@ -7,6 +12,7 @@ use super::{InputError, NodeContext, NodeDef, NodeEvent, NodeSpec, ParamSpec, Po
 use crate::flow::guidance::{Guidance, GuidanceMethod};
 use crate::graph::PortType;
 use crate::graph::value::{Guider, Value};
+use crate::model::Conditioning;
 
 pub fn definition() -> NodeDef {
     NodeDef {
@@ -49,6 +55,13 @@ pub fn definition() -> NodeDef {
                     0.0,
                     "apg: largest guidance norm (0 = no limit)",
                 ),
+                ParamSpec::float(
+                    "distilled_guidance",
+                    0.0,
+                    30.0,
+                    crate::model::flux::DEFAULT_DISTILLED_GUIDANCE,
+                    "FLUX.1 [dev]'s built-in guidance input (other models ignore it)",
+                ),
                 ParamSpec::float("interval_low", 0.0, 1.0, 0.0, "guide only for σ ≥ this"),
                 ParamSpec::float("interval_high", 0.0, 1.0, 1.0, "guide only for σ ≤ this"),
             ],
@@ -74,15 +87,23 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
         ))
         .into());
     }
-    let positive = ctx
-        .conditioning("positive")?
-        .expect("validated required input");
+    let distilled_guidance = Some(ctx.float("distilled_guidance"));
+    let with_distilled_guidance = |c: Arc<Conditioning>| {
+        Arc::new(Conditioning {
+            distilled_guidance,
+            ..(*c).clone()
+        })
+    };
+    let positive = with_distilled_guidance(
+        ctx.conditioning("positive")?
+            .expect("validated required input"),
+    );
     if positive.prompt.trim().is_empty() {
         let _ = ctx.emit(NodeEvent::Warning(
             "the positive prompt is empty, so the model draws anything it likes".into(),
         ));
     }
-    let negative = ctx.conditioning("negative")?;
+    let negative = ctx.conditioning("negative")?.map(with_distilled_guidance);
     if negative.is_none() && guidance.scale != 1.0 {
         return Err(InputError(format!(
             "input negative is not connected, but scale {} needs it (connect a prompt, or set scale 1)",

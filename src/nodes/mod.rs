@@ -287,6 +287,8 @@ pub enum NodeEvent {
     Image { image: Image, path: Option<PathBuf> },
     /// Something the user should know that did not stop the node (e.g. unknown prompt words).
     Warning(String),
+    /// Something worth knowing that is not a problem (e.g. the memory a model load needs).
+    Info(String),
 }
 
 /// Where a run writes and what it records into its files.

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use self::autoencoder::PatchAutoencoder;
 use self::network::{NetworkConfig, Networks};
 use self::tokenizer::Tokenizer;
-use super::{Conditioning, Family, FlowModel, LatentPreview, require_size};
+use super::{Conditioning, Family, FlowModel, LatentPreview, LoadRequest, require_size};
 use crate::nodes::InputError;
 
 pub const FAMILY: Family = Family {
@@ -65,13 +65,16 @@ pub struct PreviewConfig {
     pub bias: [f32; 3],
 }
 
-fn load(path: &Path, device: &Device) -> anyhow::Result<Arc<dyn FlowModel>> {
-    let folder = if path.as_os_str().is_empty() {
+fn load(
+    request: &LoadRequest,
+    _report: &mut dyn FnMut(String),
+) -> anyhow::Result<Arc<dyn FlowModel>> {
+    let folder = if request.path.as_os_str().is_empty() {
         PathBuf::from(SHIPPED_DIR)
     } else {
-        path.to_path_buf()
+        request.path.clone()
     };
-    Ok(Arc::new(ShapesModel::load(&folder, device)?))
+    Ok(Arc::new(ShapesModel::load(&folder, &request.device)?))
 }
 
 /// The loaded model.
@@ -220,6 +223,7 @@ impl FlowModel for ShapesModel {
             pooled: None,
             prompt: text.to_string(),
             warnings,
+            distilled_guidance: None,
         })
     }
 
@@ -265,6 +269,7 @@ impl FlowModel for ShapesModel {
                 .collect::<Vec<_>>()
                 .join(" | "),
             warnings: list.iter().flat_map(|c| c.warnings.clone()).collect(),
+            distilled_guidance: None,
         })
     }
 }
