@@ -415,6 +415,44 @@ fn a_run_streams_its_steps_and_ends_with_the_image() {
 }
 
 #[test]
+fn sixteen_channel_latents_preview_through_the_shader() {
+    // The shipped shapes model has 16 latent channels, like FLUX and SD3.
+    let mut fixture = app(true);
+    {
+        let doc = &mut fixture.harness.state_mut().doc;
+        let model = doc.node_by_workflow_id("model").unwrap();
+        doc.snarl[model]
+            .params
+            .insert("family".into(), ParamValue::Text("shapes".into()));
+    }
+    fixture.run_to_end();
+    let app = fixture.app();
+    assert_eq!(app.runs.queue.last().unwrap().state, RunState::Finished);
+    let last = app.runs.steps.last().unwrap();
+    assert_eq!(last.record.clean.dims(), [1, 16, 16, 16]);
+    assert_eq!(app.frames.last().unwrap().clean.layers, 4);
+    // What the shader draws matches the CPU reference of the same preview map.
+    let reference = last.preview.to_rgb(&last.record.clean).unwrap();
+    let rendered = fixture.harness.render().expect("renders with wgpu");
+    let canvas_label = fixture.harness.get_by_label("canvas x_σ").rect();
+    let label = fixture.harness.get_by_label("predicted final x0").rect();
+    let spacing = egui::Style::default().spacing.item_spacing;
+    let side = label.left() - canvas_label.left() - spacing.x;
+    let top_left = egui::pos2(label.left(), label.bottom() + spacing.y);
+    for (x, y) in [(2u32, 2u32), (8, 8), (13, 3), (3, 13)] {
+        let screen = top_left + egui::vec2(x as f32 + 0.5, y as f32 + 0.5) * side / 16.0;
+        let drawn = rendered.get_pixel(screen.x as u32, screen.y as u32);
+        let expected = reference.get_pixel(x, y);
+        for c in 0..3 {
+            assert!(
+                (i32::from(drawn[c]) - i32::from(expected[c])).abs() <= 12,
+                "latent ({x}, {y}) at {screen:?}: drawn {drawn:?}, expected {expected:?}"
+            );
+        }
+    }
+}
+
+#[test]
 fn escape_cancels_the_running_run() {
     let mut fixture = app(false);
     {
