@@ -29,6 +29,16 @@ pub struct NetworkConfig {
     pub text_heads: usize,
     pub vocabulary_size: usize,
     pub max_tokens: usize,
+    /// The longest period of the latent grid's position features, in tokens. The usual 10 000
+    /// leaves almost every feature flat across a grid of 8 tokens, so position barely reaches
+    /// attention; twice the grid side spreads the frequencies over the grid. Older models were
+    /// trained with 10 000 and say nothing, so that is the default when it is absent.
+    #[serde(default = "classic_position_period")]
+    pub grid_position_period: f32,
+}
+
+fn classic_position_period() -> f32 {
+    MAX_PERIOD
 }
 
 impl NetworkConfig {
@@ -230,7 +240,12 @@ impl VelocityNet {
         Ok(VelocityNet {
             config: config.clone(),
             patch_in: candle_nn::linear(patch_values, hidden, vb.pp("patch_in"))?,
-            position: grid_positions(config.latent_size / config.patch, hidden, vb.device())?,
+            position: grid_positions(
+                config.latent_size / config.patch,
+                hidden,
+                config.grid_position_period,
+                vb.device(),
+            )?,
             text_in: candle_nn::linear(config.text_dim, hidden, vb.pp("text_in"))?,
             pooled_in: candle_nn::linear(config.text_dim, hidden, vb.pp("pooled_in"))?,
             time_in: candle_nn::linear(TIME_FEATURES, hidden, vb.pp("time_in"))?,
@@ -285,28 +300,31 @@ impl VelocityNet {
     }
 }
 
+/// The longest period of the usual sinusoidal features (Transformer, DiT), used for prompt
+/// positions and the noise level.
+const MAX_PERIOD: f32 = 10_000.0;
+
 /// Fixed sinusoidal position features, `[N, dim]` for N points of any number of coordinates:
 /// each coordinate gets an equal share of the features, half sines and half cosines at
-/// geometrically spaced frequencies (as in the Transformer and DiT). Fixed rather than learned,
-/// so the networks know where every token is from the first step.
+/// frequencies spaced geometrically from 1 down to 1/`max_period` (as in the Transformer and
+/// DiT). Fixed rather than learned, so the networks know where every token is from the first
+/// step.
 fn sinusoidal<const K: usize>(
     points: &[[f32; K]],
     dim: usize,
+    max_period: f32,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
     let per_axis = dim / K;
     let half = per_axis / 2;
+    let frequencies: Vec<f32> = (0..half)
+        .map(|i| (-(max_period.ln()) * i as f32 / half as f32).exp())
+        .collect();
     let mut values = Vec::with_capacity(points.len() * dim);
     for point in points {
         for coordinate in point {
-            for i in 0..half {
-                let frequency = (-(10_000f32.ln()) * i as f32 / half as f32).exp();
-                values.push((coordinate * frequency).sin());
-            }
-            for i in 0..half {
-                let frequency = (-(10_000f32.ln()) * i as f32 / half as f32).exp();
-                values.push((coordinate * frequency).cos());
-            }
+            values.extend(frequencies.iter().map(|f| (coordinate * f).sin()));
+            values.extend(frequencies.iter().map(|f| (coordinate * f).cos()));
         }
         values.resize(values.len() + dim - K * 2 * half, 0.0);
     }
@@ -316,22 +334,27 @@ fn sinusoidal<const K: usize>(
 /// Position features of a sequence of `length` tokens.
 fn text_positions(length: usize, dim: usize, device: &Device) -> candle_core::Result<Tensor> {
     let points: Vec<[f32; 1]> = (0..length).map(|t| [t as f32]).collect();
-    sinusoidal(&points, dim, device)
+    sinusoidal(&points, dim, MAX_PERIOD, device)
 }
 
 /// Position features of a `side`×`side` token grid in row-major order.
-fn grid_positions(side: usize, dim: usize, device: &Device) -> candle_core::Result<Tensor> {
+fn grid_positions(
+    side: usize,
+    dim: usize,
+    max_period: f32,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
     let points: Vec<[f32; 2]> = (0..side * side)
         .map(|i| [(i / side) as f32, (i % side) as f32])
         .collect();
-    sinusoidal(&points, dim, device)
+    sinusoidal(&points, dim, max_period, device)
 }
 
 /// Sinusoidal features of 1000·σ, `[B]` to `[B, TIME_FEATURES]`.
 fn time_features(sigma: &Tensor) -> candle_core::Result<Tensor> {
     let half = TIME_FEATURES / 2;
     let frequencies: Vec<f32> = (0..half)
-        .map(|i| (-(10_000f32.ln()) * i as f32 / half as f32).exp())
+        .map(|i| (-(MAX_PERIOD.ln()) * i as f32 / half as f32).exp())
         .collect();
     let frequencies = Tensor::from_vec(frequencies, (1, half), sigma.device())?;
     let angles =

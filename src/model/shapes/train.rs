@@ -35,6 +35,9 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// The longest caption of the grammar is 12 words; with the start token, 13 tokens.
 const MAX_TOKENS: usize = 13;
 pub const CHECKPOINT_STATE: &str = "checkpoint.json";
+/// Latent side and the latent positions per image token along each axis.
+const LATENT_SIZE: usize = 16;
+const PATCH: usize = 2;
 
 /// Everything that decides the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +58,10 @@ pub struct TrainSettings {
     /// training sees the high noise levels where sampling decides the composition.
     #[serde(default = "no_shift")]
     pub sigma_shift: f64,
+    /// Share of each batch whose σ is drawn uniformly from (0, 1) instead: the shifted
+    /// logit-normal almost never draws σ < 0.2, where edges are finished.
+    #[serde(default)]
+    pub uniform_sigma_share: f64,
 }
 
 fn no_shift() -> f64 {
@@ -87,8 +94,8 @@ impl TrainSettings {
         TrainSettings {
             network: NetworkConfig {
                 latent_channels: 16,
-                latent_size: 16,
-                patch: 2,
+                latent_size: LATENT_SIZE,
+                patch: PATCH,
                 hidden,
                 depth,
                 heads: 4,
@@ -98,6 +105,7 @@ impl TrainSettings {
                 text_heads: 4,
                 vocabulary_size: tokenizer.vocabulary().len(),
                 max_tokens: tokenizer.max_tokens(),
+                grid_position_period: 2.0 * (LATENT_SIZE / PATCH) as f32,
             },
             batch,
             learning_rate: 6e-4,
@@ -108,6 +116,7 @@ impl TrainSettings {
             seed: 7,
             autoencoder_images: 512,
             sigma_shift: 3.0,
+            uniform_sigma_share: 0.1,
         }
     }
 }
@@ -328,13 +337,21 @@ impl Trainer {
         let ids = self.tokenizer.batch(&captions, &self.device)?;
         let noise_seed = rng.random::<u64>();
         let noise = gaussian(noise_seed, clean.shape(), &self.device)?;
-        // Logit-normal σ (the sigmoid of a standard normal), shifted.
+        // Logit-normal σ (the sigmoid of a standard normal), shifted; a share uniform.
         let shift = Scheduler::Shifted {
             shift: settings.sigma_shift,
         };
+        let uniform_share = settings.uniform_sigma_share;
         let sigmas: Vec<f32> = gaussian_values(noise_seed ^ 0x5167_4D41, batch)
             .into_iter()
-            .map(|n| shift.warp(1.0 / (1.0 + (-n as f64).exp())) as f32)
+            .map(|n| {
+                let sigma = if uniform_share > 0.0 && rng.random::<f64>() < uniform_share {
+                    rng.random::<f64>()
+                } else {
+                    shift.warp(1.0 / (1.0 + (-n as f64).exp()))
+                };
+                sigma as f32
+            })
             .collect();
         let sigma = Tensor::from_vec(sigmas, batch, &self.device)?;
         let sigma_4d = sigma.reshape((batch, 1, 1, 1))?;
