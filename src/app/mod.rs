@@ -6,9 +6,11 @@
 //! Step latents are drawn by the GPU shader in [`preview`]. File dialogs run on their own
 //! threads and report back through a channel, for the same reason.
 
+mod chrome;
 mod document;
 mod editor;
 mod files;
+mod panel;
 mod preview;
 mod runs;
 #[cfg(test)]
@@ -21,11 +23,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
-use eframe::egui::{
-    self, Color32, Id, Key, KeyboardShortcut, Modifiers, RichText, emath::TSTransform,
-};
+use eframe::egui::{self, Id, emath::TSTransform};
 use egui_snarl::NodeId;
-use egui_snarl::ui::{NodeLayout, SnarlStyle, SnarlWidget, get_selected_nodes};
+use egui_snarl::ui::{NodeLayout, SnarlStyle, SnarlWidget};
 use flowline::executor::Executor;
 use flowline::graph::ParamValue;
 use flowline::nodes::RunEnv;
@@ -34,6 +34,7 @@ use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 use document::Document;
 use editor::{FileRequest, GraphViewer, node_search_list};
 use files::{FileDialog, Recovery};
+use panel::{StepFrames, probe_values};
 use runs::Runs;
 
 /// The egui id of the node editor, under which egui-snarl keeps its selection.
@@ -42,18 +43,6 @@ const GRAPH_ID: &str = "flowline-graph";
 const AUTOSAVE_EVERY: Duration = Duration::from_secs(5);
 /// Most recent files kept in the File menu.
 const RECENT_LIMIT: usize = 8;
-
-const RUN: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Enter);
-const SAVE: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::S);
-const SAVE_AS: KeyboardShortcut =
-    KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::S);
-const OPEN: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::O);
-const NEW: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::N);
-const UNDO: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Z);
-const REDO: KeyboardShortcut =
-    KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::Z);
-const QUIT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Q);
-const DUPLICATE: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::D);
 
 /// Opens the app window on `path`, or on the default workflow.
 pub fn launch(path: Option<PathBuf>) -> ExitCode {
@@ -90,12 +79,6 @@ enum Pending {
     New,
     Open(PathBuf),
     Quit,
-}
-
-/// What the preview shows for one step.
-struct StepFrames {
-    canvas: Arc<preview::LatentFrame>,
-    clean: Arc<preview::LatentFrame>,
 }
 
 pub struct FlowlineApp {
@@ -135,6 +118,8 @@ pub struct FlowlineApp {
     image_texture: Option<(u64, egui::TextureHandle)>,
     zoom: f32,
     gpu_preview: bool,
+    /// The window title last sent, so it is only sent again when it changes.
+    shown_title: String,
     /// Frame times and step-to-screen latencies, written out when FLOWLINE_FRAME_LOG is set.
     frame_log: Option<files::FrameLog>,
 }
@@ -188,6 +173,7 @@ impl FlowlineApp {
             image_texture: None,
             zoom: 4.0,
             gpu_preview,
+            shown_title: String::new(),
             frame_log: files::FrameLog::from_env(),
         };
         if let Some(path) = path {
@@ -416,215 +402,6 @@ impl FlowlineApp {
         self.autosaved_graph = Some(graph);
     }
 
-    fn shortcuts(&mut self, ctx: &egui::Context) {
-        let typing = ctx.egui_wants_keyboard_input();
-        if ctx.input_mut(|i| i.consume_shortcut(&RUN)) {
-            self.run();
-        }
-        if ctx.input_mut(|i| i.consume_shortcut(&SAVE_AS)) {
-            self.save_as();
-        }
-        if ctx.input_mut(|i| i.consume_shortcut(&SAVE)) {
-            self.save();
-        }
-        if ctx.input_mut(|i| i.consume_shortcut(&OPEN)) {
-            self.dialogs.open_workflow(self.dialog_sender.clone());
-        }
-        if ctx.input_mut(|i| i.consume_shortcut(&NEW)) {
-            self.guarded(Pending::New);
-        }
-        if ctx.input_mut(|i| i.consume_shortcut(&QUIT)) {
-            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
-        }
-        if typing {
-            return;
-        }
-        if ctx.input(|i| i.key_pressed(Key::Escape)) {
-            if self.canvas_search.is_some() {
-                self.canvas_search = None;
-            } else {
-                self.cancel();
-            }
-        }
-        if ctx.input_mut(|i| i.consume_shortcut(&REDO)) {
-            self.doc.redo();
-        }
-        if ctx.input_mut(|i| i.consume_shortcut(&UNDO)) {
-            self.doc.undo();
-        }
-        let selected = get_selected_nodes(Id::new(GRAPH_ID), ctx);
-        if ctx.input_mut(|i| i.consume_shortcut(&DUPLICATE)) {
-            self.doc.duplicate(&selected);
-        }
-        if ctx.input(|i| i.key_pressed(Key::Delete) || i.key_pressed(Key::Backspace)) {
-            self.doc.remove_nodes(&selected);
-        }
-        if ctx.input(|i| i.key_pressed(Key::F) && i.modifiers.is_none()) {
-            self.fit_requested = true;
-        }
-        let (copied, cut, pasted) = ctx.input(|i| {
-            let mut pasted = None;
-            let (mut copied, mut cut) = (false, false);
-            for event in &i.events {
-                match event {
-                    egui::Event::Copy => copied = true,
-                    egui::Event::Cut => cut = true,
-                    egui::Event::Paste(text) => pasted = Some(text.clone()),
-                    _ => {}
-                }
-            }
-            (copied, cut, pasted)
-        });
-        if (copied || cut) && !selected.is_empty() {
-            ctx.copy_text(self.doc.copy(&selected));
-            if cut {
-                self.doc.remove_nodes(&selected);
-            }
-        }
-        if let Some(text) = pasted {
-            let at = ctx
-                .pointer_latest_pos()
-                .map_or(egui::pos2(0.0, 0.0), |p| self.transform.inverse() * p);
-            if let Err(e) = self.doc.paste(&text, at) {
-                self.notice = Some(format!("nothing pasted: {e}"));
-            }
-        }
-    }
-
-    fn menu_bar(&mut self, ui: &mut egui::Ui) {
-        egui::MenuBar::new().ui(ui, |ui| {
-            ui.menu_button("File", |ui| {
-                if ui.add(shortcut_button("New", &NEW, ui)).clicked() {
-                    self.guarded(Pending::New);
-                }
-                if ui.add(shortcut_button("Open…", &OPEN, ui)).clicked() {
-                    self.dialogs.open_workflow(self.dialog_sender.clone());
-                }
-                ui.menu_button("Open recent", |ui| {
-                    if self.recent.is_empty() {
-                        ui.label("no recent files");
-                    }
-                    for path in self.recent.clone() {
-                        if ui.button(path.display().to_string()).clicked() {
-                            self.guarded(Pending::Open(path));
-                        }
-                    }
-                });
-                if ui.add(shortcut_button("Save", &SAVE, ui)).clicked() {
-                    self.save();
-                }
-                if ui.add(shortcut_button("Save As…", &SAVE_AS, ui)).clicked() {
-                    self.save_as();
-                }
-                ui.separator();
-                if ui.button("Output folder…").clicked() {
-                    self.dialogs.output_folder(self.dialog_sender.clone());
-                }
-                ui.separator();
-                if ui.add(shortcut_button("Quit", &QUIT, ui)).clicked() {
-                    ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);
-                }
-            });
-            ui.menu_button("Edit", |ui| {
-                if ui
-                    .add_enabled(self.doc.can_undo(), shortcut_button("Undo", &UNDO, ui))
-                    .clicked()
-                {
-                    self.doc.undo();
-                }
-                if ui
-                    .add_enabled(self.doc.can_redo(), shortcut_button("Redo", &REDO, ui))
-                    .clicked()
-                {
-                    self.doc.redo();
-                }
-                ui.separator();
-                let selected = get_selected_nodes(Id::new(GRAPH_ID), ui.ctx());
-                if ui
-                    .add_enabled(
-                        !selected.is_empty(),
-                        shortcut_button("Duplicate", &DUPLICATE, ui),
-                    )
-                    .clicked()
-                {
-                    self.doc.duplicate(&selected);
-                }
-                if ui
-                    .add_enabled(
-                        !selected.is_empty(),
-                        egui::Button::new("Delete").shortcut_text("Del"),
-                    )
-                    .clicked()
-                {
-                    self.doc.remove_nodes(&selected);
-                }
-                if ui
-                    .add(egui::Button::new("Fit view").shortcut_text("F"))
-                    .clicked()
-                {
-                    self.fit_requested = true;
-                }
-            });
-            ui.separator();
-            if ui
-                .add(
-                    egui::Button::new(RichText::new("▶ Run").strong())
-                        .shortcut_text(ui.ctx().format_shortcut(&RUN)),
-                )
-                .clicked()
-            {
-                self.run();
-            }
-            let active = self.runs.active();
-            if ui
-                .add_enabled(
-                    active.is_some(),
-                    egui::Button::new("■ Cancel").shortcut_text("Esc"),
-                )
-                .clicked()
-            {
-                self.cancel();
-            }
-            let pending: Vec<String> = self
-                .runs
-                .pending()
-                .map(|r| {
-                    format!(
-                        "#{} {}",
-                        r.id,
-                        match r.state {
-                            runs::RunState::Running => "running",
-                            _ => "waiting",
-                        }
-                    )
-                })
-                .collect();
-            ui.label(format!(
-                "queue: {}",
-                if pending.is_empty() {
-                    "empty".to_string()
-                } else {
-                    pending.join(", ")
-                }
-            ));
-        });
-    }
-
-    fn status_bar(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal(|ui| {
-            if let Some(outcome) = &self.runs.outcome {
-                ui.label(outcome.lines().next().unwrap_or_default());
-                ui.separator();
-            }
-            if let Some(notice) = &self.notice {
-                ui.label(RichText::new(notice).italics());
-            }
-            ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
-                ui.label(format!("output: {}", self.output_dir.display()));
-            });
-        });
-    }
-
     fn editor(&mut self, ui: &mut egui::Ui) {
         let fit_to = if self.fit_requested && !self.node_rects.is_empty() {
             self.fit_requested = false;
@@ -719,203 +496,6 @@ impl FlowlineApp {
         let in_graph = self.transform.inverse() * at;
         self.node_rects.values().any(|r| r.contains(in_graph))
     }
-
-    fn preview_panel(&mut self, ui: &mut egui::Ui) {
-        ui.heading("Live preview");
-        let count = self.frames.len();
-        if count == 0 {
-            ui.label("Press Run (Ctrl+Enter): every sampler step appears here as it happens.");
-        } else {
-            let shown = self.scrub.unwrap_or(count - 1).min(count - 1);
-            let record = &self.runs.steps[shown].record;
-            ui.label(format!(
-                "step {} of {}   σ {:.3} to {:.3}   |v| {:.1}",
-                record.index + 1,
-                record.steps,
-                record.sigma,
-                record.sigma_next,
-                record.velocity_norm
-            ));
-            let side = ((ui.available_width() - 12.0) / 2.0).clamp(64.0, 320.0);
-            ui.horizontal(|ui| {
-                ui.vertical(|ui| {
-                    ui.label("canvas x_σ");
-                    self.latent_view(ui, 0, shown, side, false);
-                });
-                ui.vertical(|ui| {
-                    ui.label("predicted final x0");
-                    self.latent_view(ui, 1, shown, side, true);
-                });
-            });
-            let mut step = shown + 1;
-            let finished = self.runs.trajectory.is_some();
-            ui.horizontal(|ui| {
-                ui.label("step");
-                let slider = ui.add_enabled(
-                    finished || count > 1,
-                    egui::Slider::new(&mut step, 1..=count),
-                );
-                if slider.changed() {
-                    self.scrub = if step == count { None } else { Some(step - 1) };
-                }
-                if self.scrub.is_some() && ui.button("live").clicked() {
-                    self.scrub = None;
-                }
-            });
-            self.sigma_plot(ui);
-            if let Some((_, straightness)) = &self.runs.trajectory {
-                ui.label(format!(
-                    "straightness {straightness:.3} (1 = a straight line)"
-                ));
-            }
-        }
-        ui.separator();
-        self.final_image(ui);
-    }
-
-    fn latent_view(&self, ui: &mut egui::Ui, slot: u32, step: usize, side: f32, clean: bool) {
-        let frames = &self.frames[step];
-        let frame = if clean { &frames.clean } else { &frames.canvas };
-        if self.gpu_preview {
-            preview::show(ui, slot, frame, side);
-        } else {
-            ui.label("(no GPU renderer: previews need wgpu)");
-        }
-    }
-
-    fn sigma_plot(&self, ui: &mut egui::Ui) {
-        use egui_plot::{Line, Plot, PlotPoints};
-        let probes = self.traces.first().map_or(0, |(_, values)| values.len());
-        let mut end = None;
-        if self.runs.trajectory.is_some()
-            && let Some(last) = self.runs.steps.last()
-        {
-            end = Some((last.record.sigma_next, probe_values(&last.record.clean)));
-        }
-        Plot::new("sigma-plot")
-            .height(140.0)
-            .x_axis_label("σ")
-            .allow_scroll(false)
-            .allow_drag(false)
-            .show(ui, |plot| {
-                for probe in 0..probes {
-                    let points: PlotPoints = self
-                        .traces
-                        .iter()
-                        .chain(end.iter())
-                        .map(|(sigma, values)| [*sigma, f64::from(values[probe])])
-                        .collect();
-                    plot.line(Line::new(format!("latent {probe}"), points));
-                }
-            });
-    }
-
-    fn final_image(&mut self, ui: &mut egui::Ui) {
-        let Some(image) = &self.runs.image else {
-            ui.label("The decoded image appears here when a run ends.");
-            return;
-        };
-        let version = self.runs.image_version;
-        if self
-            .image_texture
-            .as_ref()
-            .is_none_or(|(v, _)| *v != version)
-        {
-            let size = [image.image.width() as usize, image.image.height() as usize];
-            let color = egui::ColorImage::from_rgb(size, image.image.as_raw());
-            let texture =
-                ui.ctx()
-                    .load_texture("final-image", color, egui::TextureOptions::NEAREST);
-            self.image_texture = Some((version, texture));
-        }
-        ui.horizontal(|ui| {
-            ui.label(RichText::new("Image").strong());
-            ui.add(egui::Slider::new(&mut self.zoom, 0.5..=8.0).text("zoom"));
-            if ui.button("Save Image…").clicked() {
-                self.dialogs.save_image(self.dialog_sender.clone());
-            }
-        });
-        match &image.path {
-            Some(path) => ui.label(format!("from {}, saved as {}", image.node, path.display())),
-            None => ui.label(format!("from {} (not saved)", image.node)),
-        };
-        if let Some((_, texture)) = &self.image_texture {
-            egui::ScrollArea::both().show(ui, |ui| {
-                ui.add(
-                    egui::Image::new(texture).fit_to_exact_size(texture.size_vec2() * self.zoom),
-                );
-            });
-        }
-    }
-
-    fn dialogs_ui(&mut self, ctx: &egui::Context) {
-        if let Some(message) = self.error.clone() {
-            egui::Modal::new(Id::new("error")).show(ctx, |ui| {
-                ui.heading("Something is wrong");
-                ui.label(RichText::new(message).color(Color32::from_rgb(255, 120, 120)));
-                ui.label("Nothing was changed.");
-                if ui.button("OK").clicked() {
-                    self.error = None;
-                }
-            });
-        }
-        if let Some(recovered) = self.recovered.clone() {
-            egui::Modal::new(Id::new("recover")).show(ctx, |ui| {
-                ui.heading("Restore unsaved work?");
-                ui.label(
-                    "Flowline did not close normally last time. The graph it was editing was kept.",
-                );
-                ui.horizontal(|ui| {
-                    if ui.button("Restore").clicked() {
-                        self.doc = Document::new(recovered, None);
-                        self.after_replacing_document();
-                        self.recovered = None;
-                    }
-                    if ui.button("Discard").clicked() {
-                        self.recovery.clear();
-                        self.recovered = None;
-                    }
-                });
-            });
-        }
-        if self.pending.is_some() {
-            let mut answer = None;
-            egui::Modal::new(Id::new("unsaved")).show(ctx, |ui| {
-                ui.heading("Unsaved changes");
-                ui.label(format!(
-                    "{} has changes that are not saved.",
-                    self.doc
-                        .path
-                        .as_ref()
-                        .map_or("This workflow".into(), |p| p.display().to_string())
-                ));
-                ui.horizontal(|ui| {
-                    if ui.button("Save").clicked() {
-                        answer = Some(true);
-                    }
-                    if ui.button("Discard changes").clicked() {
-                        answer = Some(false);
-                    }
-                    if ui.button("Cancel").clicked() {
-                        self.pending = None;
-                    }
-                });
-            });
-            if let Some(save) = answer {
-                let action = self.pending.take().expect("checked above");
-                if save {
-                    self.save();
-                    if self.doc.is_modified() {
-                        return;
-                    }
-                }
-                self.perform(action);
-                if self.allow_close {
-                    ctx.send_viewport_cmd(egui::ViewportCommand::Close);
-                }
-            }
-        }
-    }
 }
 
 /// Forwards executor events to the UI and asks for a repaint as each arrives, so a step is
@@ -937,32 +517,6 @@ fn forward_events(
         })
         .expect("the event thread starts");
     receiver
-}
-
-fn shortcut_button<'a>(
-    label: &'a str,
-    shortcut: &KeyboardShortcut,
-    ui: &egui::Ui,
-) -> egui::Button<'a> {
-    egui::Button::new(label).shortcut_text(ui.ctx().format_shortcut(shortcut))
-}
-
-/// How many latent values the σ plot follows.
-const PROBES: usize = 6;
-
-/// A few latent values at fixed, spread-out positions, for the σ plot.
-fn probe_values(latent: &candle_core::Tensor) -> Vec<f32> {
-    let values = latent
-        .flatten_all()
-        .and_then(|t| t.to_dtype(candle_core::DType::F32))
-        .and_then(|t| t.to_vec1::<f32>())
-        .unwrap_or_default();
-    if values.is_empty() {
-        return Vec::new();
-    }
-    (0..PROBES)
-        .map(|i| values[(i * 7919 + 13) % values.len()])
-        .collect()
 }
 
 fn default_workflow() -> Workflow {
@@ -1002,7 +556,11 @@ impl eframe::App for FlowlineApp {
             self.doc.commit_edits();
         }
         self.autosave();
-        ctx.send_viewport_cmd(egui::ViewportCommand::Title(self.title()));
+        let title = self.title();
+        if title != self.shown_title {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Title(title.clone()));
+            self.shown_title = title;
+        }
         if self.dialogs.is_open() {
             ctx.request_repaint_after(Duration::from_millis(100));
         } else {
