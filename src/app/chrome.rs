@@ -197,28 +197,25 @@ impl FlowlineApp {
             {
                 self.cancel();
             }
-            let pending: Vec<String> = self
+            ui.label("queue:");
+            let pending: Vec<(u64, bool)> = self
                 .runs
                 .pending()
-                .map(|r| {
-                    format!(
-                        "#{} {}",
-                        r.id,
-                        match r.state {
-                            runs::RunState::Running => "running",
-                            _ => "waiting",
-                        }
-                    )
-                })
+                .map(|r| (r.id, r.state == runs::RunState::Running))
                 .collect();
-            ui.label(format!(
-                "queue: {}",
-                if pending.is_empty() {
-                    "empty".to_string()
-                } else {
-                    pending.join(", ")
+            if pending.is_empty() {
+                ui.label("empty");
+            }
+            for (id, running) in pending {
+                let text = format!("#{id} {} ✖", if running { "running" } else { "waiting" });
+                if ui
+                    .small_button(text)
+                    .on_hover_text("cancel this run")
+                    .clicked()
+                {
+                    self.executor.cancel(id);
                 }
-            ));
+            }
         });
     }
 

@@ -477,6 +477,38 @@ fn escape_cancels_the_running_run() {
 }
 
 #[test]
+fn a_queued_run_is_cancelled_from_the_queue_list() {
+    let mut fixture = app(false);
+    {
+        let doc = &mut fixture.harness.state_mut().doc;
+        let sampler = doc.node_by_workflow_id("sampler").unwrap();
+        doc.snarl[sampler]
+            .params
+            .insert("steps".into(), ParamValue::Int(1000));
+    }
+    for _ in 0..2 {
+        fixture
+            .harness
+            .key_press_modifiers(Modifiers::COMMAND, Key::Enter);
+        fixture.harness.run_steps(1);
+    }
+    fixture.harness.get_by_label("#2 waiting ✖").click();
+    fixture.harness.run_steps(1);
+    fixture.harness.key_press(Key::Escape);
+    fixture.wait_for(Duration::from_secs(60), |app| {
+        app.runs.pending().next().is_none()
+    });
+    let states: Vec<RunState> = fixture
+        .app()
+        .runs
+        .queue
+        .iter()
+        .map(|r| r.state.clone())
+        .collect();
+    assert_eq!(states, [RunState::Cancelled, RunState::Cancelled]);
+}
+
+#[test]
 fn a_broken_workflow_shows_its_error_and_changes_nothing() {
     let mut fixture = app(false);
     let before = fixture.app().document().graph();
