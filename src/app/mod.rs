@@ -282,12 +282,13 @@ impl FlowlineApp {
     fn run(&mut self) {
         self.doc.commit_edits();
         let workflow = self.doc.workflow();
+        let json = Arc::new(workflow.to_json());
         let env = RunEnv {
             output_dir: self.output_dir.clone(),
-            workflow_json: Some(Arc::new(workflow.to_json())),
+            workflow_json: Some(json.clone()),
         };
         let id = self.executor.run(workflow.graph, env);
-        self.runs.queued(id);
+        self.runs.queued(id, json);
         self.doc
             .advance_seeds(&mut || (rand::random::<u64>() >> 11) as i64);
         self.doc.commit_edits();
@@ -343,8 +344,9 @@ impl FlowlineApp {
                 files::DialogResult::SaveWorkflow(path) => self.save_to(path),
                 files::DialogResult::SaveImage(path) => {
                     if let Some(image) = &self.runs.image {
-                        let json = self.doc.workflow().to_json();
-                        match flowline::files::save_png(&path, &image.image, Some(&json)) {
+                        // The workflow that made the image, not the graph as edited since.
+                        let json = image.workflow.as_deref();
+                        match flowline::files::save_png(&path, &image.image, json) {
                             Ok(()) => self.notice = Some(format!("saved {}", path.display())),
                             Err(e) => self.error = Some(format!("{e:#}")),
                         }

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use flowline::executor::{Event, RunFailure, RunId, StepUpdate};
 
@@ -32,6 +33,8 @@ pub enum RunState {
 pub struct QueuedRun {
     pub id: RunId,
     pub state: RunState,
+    /// The workflow as it was sent, to embed in images the run makes.
+    pub workflow: Arc<String>,
 }
 
 /// The final image of a run.
@@ -39,6 +42,8 @@ pub struct FinalImage {
     pub image: image::RgbImage,
     pub path: Option<PathBuf>,
     pub node: String,
+    /// The workflow of the run that made it.
+    pub workflow: Option<Arc<String>>,
 }
 
 /// Node states, steps and results of the run on display (the latest one started), plus the
@@ -66,10 +71,11 @@ pub struct Runs {
 }
 
 impl Runs {
-    pub fn queued(&mut self, id: RunId) {
+    pub fn queued(&mut self, id: RunId, workflow: Arc<String>) {
         self.queue.push(QueuedRun {
             id,
             state: RunState::Waiting,
+            workflow,
         });
     }
 
@@ -161,7 +167,17 @@ impl Runs {
             Event::Image {
                 node, image, path, ..
             } => {
-                self.image = Some(FinalImage { image, path, node });
+                let workflow = self
+                    .queue
+                    .iter()
+                    .find(|r| r.id == run)
+                    .map(|r| r.workflow.clone());
+                self.image = Some(FinalImage {
+                    image,
+                    path,
+                    node,
+                    workflow,
+                });
                 self.image_version += 1;
             }
             Event::RunFinished { .. } => self.outcome = Some(format!("run {run} finished")),

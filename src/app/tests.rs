@@ -558,6 +558,32 @@ fn dropping_a_saved_png_brings_its_graph_back() {
 }
 
 #[test]
+fn save_image_embeds_the_workflow_that_made_it() {
+    let mut fixture = app(false);
+    fixture.run_to_end();
+    let made_by = fixture.app().document().graph();
+    // Edit after the run, then save the shown image where the Save Image dialog chose.
+    let sampler = fixture
+        .app()
+        .document()
+        .node_by_workflow_id("sampler")
+        .unwrap();
+    fixture.harness.state_mut().doc.snarl[sampler]
+        .params
+        .insert("steps".into(), ParamValue::Int(3));
+    let target = fixture.dir.path().join("chosen.png");
+    let sender = fixture.app().dialog_sender.clone();
+    sender
+        .send(super::files::DialogResult::SaveImage(target.clone()))
+        .unwrap();
+    fixture.harness.run_steps(2);
+    let saved = flowline::workflow::Workflow::from_png(&target).unwrap();
+    assert_eq!(saved.graph, made_by);
+    let image = image::open(&target).unwrap().to_rgb8();
+    assert_eq!(&image, &fixture.app().runs.image.as_ref().unwrap().image);
+}
+
+#[test]
 fn unsaved_changes_are_not_lost_to_an_open() {
     let mut fixture = app(false);
     let sampler = fixture
