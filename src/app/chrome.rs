@@ -40,7 +40,7 @@ impl FlowlineApp {
             self.save();
         }
         if ctx.input_mut(|i| i.consume_shortcut(&OPEN)) {
-            self.dialogs.open_workflow(self.dialog_sender.clone());
+            self.dialogs.open_workflow();
         }
         if ctx.input_mut(|i| i.consume_shortcut(&NEW)) {
             self.guarded(Pending::New);
@@ -110,7 +110,7 @@ impl FlowlineApp {
                     self.guarded(Pending::New);
                 }
                 if ui.add(shortcut_button("Open…", &OPEN, ui)).clicked() {
-                    self.dialogs.open_workflow(self.dialog_sender.clone());
+                    self.dialogs.open_workflow();
                 }
                 ui.menu_button("Open recent", |ui| {
                     if self.recent.is_empty() {
@@ -130,7 +130,7 @@ impl FlowlineApp {
                 }
                 ui.separator();
                 if ui.button("Output folder…").clicked() {
-                    self.dialogs.output_folder(self.dialog_sender.clone());
+                    self.dialogs.output_folder();
                 }
                 ui.separator();
                 if ui.add(shortcut_button("Quit", &QUIT, ui)).clicked() {

@@ -2,11 +2,10 @@
 //! between runs, and the optional frame-time log.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
+use eframe::egui;
 use egui_snarl::NodeId;
 use flowline::files::write_atomic;
 use flowline::workflow::Workflow;
@@ -28,34 +27,30 @@ pub enum DialogResult {
 }
 
 /// Opens native dialogs (rfd, through the XDG desktop portal on Linux) on their own threads,
-/// so the window keeps drawing while one is open.
-#[derive(Default)]
+/// so the window keeps drawing while one is open; a choice comes back over a channel and
+/// wakes the UI.
 pub struct FileDialog {
-    open: Arc<AtomicUsize>,
+    ctx: egui::Context,
+    pub sender: Sender<DialogResult>,
 }
 
 impl FileDialog {
-    pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Relaxed) > 0
+    pub fn new(ctx: egui::Context, sender: Sender<DialogResult>) -> Self {
+        FileDialog { ctx, sender }
     }
 
-    fn spawn(
-        &self,
-        sender: Sender<DialogResult>,
-        show: impl FnOnce() -> Option<DialogResult> + Send + 'static,
-    ) {
-        let open = self.open.clone();
-        open.fetch_add(1, Ordering::Relaxed);
+    fn spawn(&self, show: impl FnOnce() -> Option<DialogResult> + Send + 'static) {
+        let (ctx, sender) = (self.ctx.clone(), self.sender.clone());
         std::thread::spawn(move || {
             if let Some(result) = show() {
                 let _ = sender.send(result);
+                ctx.request_repaint();
             }
-            open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 
-    pub fn open_workflow(&self, sender: Sender<DialogResult>) {
-        self.spawn(sender, || {
+    pub fn open_workflow(&self) {
+        self.spawn(|| {
             rfd::FileDialog::new()
                 .set_title("Open workflow")
                 .add_filter("Workflow or image", &["json", "png"])
@@ -64,8 +59,8 @@ impl FileDialog {
         });
     }
 
-    pub fn save_workflow(&self, sender: Sender<DialogResult>, current: Option<PathBuf>) {
-        self.spawn(sender, move || {
+    pub fn save_workflow(&self, current: Option<PathBuf>) {
+        self.spawn(move || {
             let mut dialog = rfd::FileDialog::new()
                 .set_title("Save workflow")
                 .add_filter("Workflow", &["json"]);
@@ -81,8 +76,8 @@ impl FileDialog {
         });
     }
 
-    pub fn save_image(&self, sender: Sender<DialogResult>) {
-        self.spawn(sender, || {
+    pub fn save_image(&self) {
+        self.spawn(|| {
             rfd::FileDialog::new()
                 .set_title("Save image")
                 .add_filter("PNG image", &["png"])
@@ -92,8 +87,8 @@ impl FileDialog {
         });
     }
 
-    pub fn output_folder(&self, sender: Sender<DialogResult>) {
-        self.spawn(sender, || {
+    pub fn output_folder(&self) {
+        self.spawn(|| {
             rfd::FileDialog::new()
                 .set_title("Folder for saved images")
                 .pick_folder()
@@ -101,8 +96,8 @@ impl FileDialog {
         });
     }
 
-    pub fn param_path(&self, sender: Sender<DialogResult>, request: FileRequest) {
-        self.spawn(sender, move || {
+    pub fn param_path(&self, request: FileRequest) {
+        self.spawn(move || {
             let dialog = rfd::FileDialog::new().set_title(format!("Choose {}", request.param));
             let path = if request.folder {
                 dialog.pick_folder()

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
+use crossbeam_channel::{Receiver, unbounded};
 use eframe::egui::{self, Id, emath::TSTransform};
 use egui_snarl::NodeId;
 use egui_snarl::ui::{NodeLayout, SnarlStyle, SnarlWidget};
@@ -96,7 +96,6 @@ pub struct FlowlineApp {
     autosaved_graph: Option<flowline::graph::Graph>,
     dialogs: FileDialog,
     dialog_results: Receiver<files::DialogResult>,
-    dialog_sender: Sender<files::DialogResult>,
     file_requests: Vec<FileRequest>,
     pending: Option<Pending>,
     allow_close: bool,
@@ -153,9 +152,8 @@ impl FlowlineApp {
             recovered,
             last_autosave: Instant::now(),
             autosaved_graph: None,
-            dialogs: FileDialog::default(),
+            dialogs: FileDialog::new(cc.egui_ctx.clone(), dialog_sender),
             dialog_results,
-            dialog_sender,
             file_requests: Vec::new(),
             pending: None,
             allow_close: false,
@@ -258,8 +256,7 @@ impl FlowlineApp {
     }
 
     fn save_as(&mut self) {
-        self.dialogs
-            .save_workflow(self.dialog_sender.clone(), self.doc.path.clone());
+        self.dialogs.save_workflow(self.doc.path.clone());
     }
 
     /// Runs `action` now, or after asking what to do with unsaved changes.
@@ -364,7 +361,7 @@ impl FlowlineApp {
             }
         }
         for request in self.file_requests.drain(..) {
-            self.dialogs.param_path(self.dialog_sender.clone(), request);
+            self.dialogs.param_path(request);
         }
     }
 
@@ -563,11 +560,7 @@ impl eframe::App for FlowlineApp {
             ctx.send_viewport_cmd(egui::ViewportCommand::Title(title.clone()));
             self.shown_title = title;
         }
-        if self.dialogs.is_open() {
-            ctx.request_repaint_after(Duration::from_millis(100));
-        } else {
-            ctx.request_repaint_after(AUTOSAVE_EVERY);
-        }
+        ctx.request_repaint_after(AUTOSAVE_EVERY);
         let streaming = self.runs.active().is_some();
         if let Some(log) = &mut self.frame_log {
             log.frame(started, started.elapsed(), streaming);

@@ -144,7 +144,7 @@ impl FlowlineApp {
             ui.label(RichText::new("Image").strong());
             ui.add(egui::Slider::new(&mut self.zoom, 0.5..=8.0).text("zoom"));
             if ui.button("Save Image…").clicked() {
-                self.dialogs.save_image(self.dialog_sender.clone());
+                self.dialogs.save_image();
             }
         });
         match &image.path {

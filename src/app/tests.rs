@@ -572,7 +572,7 @@ fn save_image_embeds_the_workflow_that_made_it() {
         .params
         .insert("steps".into(), ParamValue::Int(3));
     let target = fixture.dir.path().join("chosen.png");
-    let sender = fixture.app().dialog_sender.clone();
+    let sender = fixture.app().dialogs.sender.clone();
     sender
         .send(super::files::DialogResult::SaveImage(target.clone()))
         .unwrap();
