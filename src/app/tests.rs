@@ -87,6 +87,16 @@ impl Fixture {
         self.app().transform * egui::pos2(x, label.center().y)
     }
 
+    /// Presses or releases `button` at `pos`, with the pointer staying there.
+    fn button(&self, pos: Pos2, button: egui::PointerButton, pressed: bool, modifiers: Modifiers) {
+        self.harness.event(egui::Event::PointerButton {
+            pos,
+            button,
+            pressed,
+            modifiers,
+        });
+    }
+
     fn drag(&mut self, from: Pos2, to: Pos2) {
         self.harness.hover_at(from);
         self.harness.run_steps(2);
@@ -98,12 +108,7 @@ impl Fixture {
         }
         // Released where it is, with the pointer still there (kittest's drop_at also takes the
         // pointer away, which no real drop does).
-        self.harness.event(egui::Event::PointerButton {
-            pos: to,
-            button: egui::PointerButton::Primary,
-            pressed: false,
-            modifiers: Modifiers::NONE,
-        });
+        self.button(to, egui::PointerButton::Primary, false, Modifiers::NONE);
         self.harness.run_steps(3);
     }
 
@@ -170,18 +175,13 @@ fn a_node_is_added_by_search_from_the_canvas_menu() {
     let point = fixture.empty_canvas_point();
     fixture.harness.hover_at(point);
     fixture.harness.run_steps(1);
-    fixture.harness.event(egui::Event::PointerButton {
-        pos: point,
-        button: egui::PointerButton::Secondary,
-        pressed: true,
-        modifiers: Modifiers::NONE,
-    });
-    fixture.harness.event(egui::Event::PointerButton {
-        pos: point,
-        button: egui::PointerButton::Secondary,
-        pressed: false,
-        modifiers: Modifiers::NONE,
-    });
+    fixture.button(point, egui::PointerButton::Secondary, true, Modifiers::NONE);
+    fixture.button(
+        point,
+        egui::PointerButton::Secondary,
+        false,
+        Modifiers::NONE,
+    );
     fixture.harness.run_steps(3);
     fixture.harness.get_by_label("Find").type_text("preview");
     fixture.harness.run_steps(2);
@@ -209,12 +209,12 @@ fn a_node_is_added_by_search_after_a_double_click() {
     fixture.harness.run_steps(1);
     for _ in 0..2 {
         for pressed in [true, false] {
-            fixture.harness.event(egui::Event::PointerButton {
-                pos: point,
-                button: egui::PointerButton::Primary,
+            fixture.button(
+                point,
+                egui::PointerButton::Primary,
                 pressed,
-                modifiers: Modifiers::NONE,
-            });
+                Modifiers::NONE,
+            );
             fixture.harness.step();
         }
     }
@@ -282,12 +282,7 @@ fn wires_connect_matching_ports_and_refuse_others() {
         fixture.app().wire_drag,
         Some((flowline::graph::PortType::Model, true))
     );
-    fixture.harness.event(egui::Event::PointerButton {
-        pos: to,
-        button: egui::PointerButton::Primary,
-        pressed: false,
-        modifiers: Modifiers::NONE,
-    });
+    fixture.button(to, egui::PointerButton::Primary, false, Modifiers::NONE);
     fixture.harness.run_steps(3);
     assert_eq!(fixture.app().wire_drag, None);
     let graph = fixture.app().document().graph();
@@ -340,12 +335,12 @@ fn undo_and_redo_every_edit() {
         .harness
         .event(egui::Event::ModifiersChanged(Modifiers::SHIFT));
     for pressed in [true, false] {
-        fixture.harness.event(egui::Event::PointerButton {
-            pos: header,
-            button: egui::PointerButton::Primary,
+        fixture.button(
+            header,
+            egui::PointerButton::Primary,
             pressed,
-            modifiers: Modifiers::SHIFT,
-        });
+            Modifiers::SHIFT,
+        );
         fixture.harness.step();
     }
     fixture
