@@ -486,6 +486,18 @@ fn write(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
+/// The largest absolute element-wise difference between two tensors of the same shape.
+fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 fn load(family_name: &str, path: &Path) -> anyhow::Result<std::sync::Arc<dyn FlowModel>> {
     (family(family_name).unwrap().load)(&LoadRequest::new(path, &Device::Cpu), &mut |_| {})
 }
@@ -582,14 +594,7 @@ fn the_distilled_guidance_reaches_flux_dev_and_schnell_has_none() {
     cond.distilled_guidance = Some(6.0);
     let strong = velocity(dev.as_ref(), &cond);
     assert_eq!(weak.dims(), shape.as_slice());
-    let change = (&weak - &strong)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let change = largest_difference(&weak, &strong);
     assert!(
         change > 1e-4,
         "the guidance input changed nothing ({change})"
@@ -605,14 +610,7 @@ fn the_distilled_guidance_reaches_flux_dev_and_schnell_has_none() {
     let one = velocity(schnell.as_ref(), &cond);
     cond.distilled_guidance = Some(6.0);
     let six = velocity(schnell.as_ref(), &cond);
-    let diff: f32 = (&one - &six)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff: f32 = largest_difference(&one, &six);
     assert_eq!(diff, 0.0, "schnell has no guidance input");
 }
 
@@ -668,23 +666,9 @@ fn an_euler_step_matches_candles_reference_flux_loop() {
     )
     .unwrap();
     let theirs = unpack(&packed, SIDE, SIDE).unwrap();
-    let difference: f32 = (&ours - &theirs)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let difference: f32 = largest_difference(&ours, &theirs);
     assert!(difference < 1e-4, "{difference}");
-    let moved: f32 = (&ours - &x)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let moved: f32 = largest_difference(&ours, &x);
     assert!(moved > 1e-3, "the step moved nothing ({moved})");
 }
 
@@ -701,15 +685,10 @@ fn prompts_change_the_conditioning_and_the_velocity() {
     );
     assert_eq!(red.pooled.as_ref().unwrap().dims(), [1, CLIP_WIDTH]);
     let x = flowline::flow::noise::gaussian(3, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
-    let difference = (model.velocity(&x, 0.5, &red).unwrap()
-        - model.velocity(&x, 0.5, &blue).unwrap())
-    .unwrap()
-    .abs()
-    .unwrap()
-    .max_all()
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap();
+    let difference = largest_difference(
+        &model.velocity(&x, 0.5, &red).unwrap(),
+        &model.velocity(&x, 0.5, &blue).unwrap(),
+    );
     assert!(difference > 1e-5, "{difference}");
 }
 
@@ -738,7 +717,7 @@ fn a_quantized_gguf_transformer_runs_close_to_its_safetensors_original() {
     };
     let (exact, approximate) = (velocity(full.as_ref()), velocity(quantized.as_ref()));
     let max = |t: &Tensor| -> f32 { t.abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
-    let error = max(&(&exact - &approximate).unwrap());
+    let error = largest_difference(&exact, &approximate);
     assert!(error > 0.0, "Q8_0 weights cannot be exact");
     assert!(
         error < 0.05 * max(&exact),
@@ -779,14 +758,7 @@ fn clips_vocab_and_merges_tokenize_like_its_tokenizer_json() {
         let a = with_json.encode_prompt(prompt).unwrap();
         let b = with_vocab.encode_prompt(prompt).unwrap();
         let (a, b) = (a.pooled.unwrap(), b.pooled.unwrap());
-        let difference: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let difference: f32 = largest_difference(&a, &b);
         assert_eq!(difference, 0.0, "{prompt:?}");
     }
 }
@@ -1116,14 +1088,7 @@ fn sd35_conditioning_joins_the_encoders_and_the_prompt_moves_the_velocity() {
     let x = flowline::flow::noise::gaussian(5, shape, &Device::Cpu).unwrap();
     let v = model.velocity(&x, 0.7, &red).unwrap();
     assert_eq!(v.dtype(), DType::F32);
-    let difference: f32 = (v - model.velocity(&x, 0.7, &blue).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let difference: f32 = largest_difference(&v, &model.velocity(&x, 0.7, &blue).unwrap());
     assert!(difference > 1e-4, "{difference}");
     let error = format!("{:#}", model.latent_shape(24, 24).unwrap_err());
     assert!(error.contains("multiples of 16"), "{error}");
@@ -1380,14 +1345,7 @@ fn text_encoders_are_freed_after_a_prompt_unless_kept() {
         match model.encode_prompt("a red star") {
             Ok(again) => {
                 assert!(keep, "freed encoders were still loaded");
-                let difference: f32 = (first.context - again.context)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let difference: f32 = largest_difference(&first.context, &again.context);
                 assert_eq!(difference, 0.0);
             }
             Err(e) => {
