@@ -109,8 +109,24 @@ pub struct GraphViewer<'a> {
 }
 
 impl GraphViewer<'_> {
-    /// Records a wire drag that started on the pin beside `zone` (graph coordinates).
-    fn note_wire_start(&mut self, ui: &egui::Ui, zone: Rect, ty: PortType, output: bool) {
+    /// Shows a port's label and returns its pin. Notes a wire drag that starts on the pin
+    /// (beside the label, on the node's outer side) and greys the pin while a wire it would
+    /// refuse is being dragged: one of another type from the other side.
+    fn labelled_pin(
+        &mut self,
+        ui: &mut egui::Ui,
+        label: String,
+        ty: PortType,
+        output: bool,
+        connected: bool,
+    ) -> PinInfo {
+        let label = ui.label(label).on_hover_text(ty.to_string()).rect;
+        let edge = if output { label.right() } else { label.left() };
+        let outward = if output { PIN_ZONE } else { -PIN_ZONE };
+        let zone = Rect::from_x_y_ranges(
+            edge.min(edge + outward)..=edge.max(edge + outward),
+            label.y_range(),
+        );
         let origin = ui.input(|i| {
             i.pointer
                 .primary_down()
@@ -122,6 +138,10 @@ impl GraphViewer<'_> {
         {
             *self.wire_drag_seen = Some((ty, output));
         }
+        let refused = self
+            .wire_drag
+            .is_some_and(|(dragged, from_output)| from_output != output && dragged != ty);
+        port_pin(Some(ty), connected, refused)
     }
 
     fn param_widget(
@@ -355,16 +375,7 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         } else {
             port.name.to_string()
         };
-        let label = ui.label(label).on_hover_text(port.ty.to_string());
-        let zone = Rect::from_min_max(
-            egui::pos2(label.rect.left() - PIN_ZONE, label.rect.top()),
-            egui::pos2(label.rect.left(), label.rect.bottom()),
-        );
-        self.note_wire_start(ui, zone, port.ty, false);
-        let refused = self
-            .wire_drag
-            .is_some_and(|(ty, from_output)| from_output && ty != port.ty);
-        port_pin(Some(port.ty), !pin.remotes.is_empty(), refused)
+        self.labelled_pin(ui, label, port.ty, false, !pin.remotes.is_empty())
     }
 
     fn show_output(
@@ -377,16 +388,13 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         let Some(port) = port else {
             return port_pin(None, false, false);
         };
-        let label = ui.label(port.name).on_hover_text(port.ty.to_string());
-        let zone = Rect::from_min_max(
-            egui::pos2(label.rect.right(), label.rect.top()),
-            egui::pos2(label.rect.right() + PIN_ZONE, label.rect.bottom()),
-        );
-        self.note_wire_start(ui, zone, port.ty, true);
-        let refused = self
-            .wire_drag
-            .is_some_and(|(ty, from_output)| !from_output && ty != port.ty);
-        port_pin(Some(port.ty), !pin.remotes.is_empty(), refused)
+        self.labelled_pin(
+            ui,
+            port.name.to_string(),
+            port.ty,
+            true,
+            !pin.remotes.is_empty(),
+        )
     }
 
     fn has_body(&mut self, node: &Node) -> bool {

@@ -97,6 +97,13 @@ impl Fixture {
         });
     }
 
+    /// Sets parameter `param` of node `id`, as its widget would.
+    fn set_param(&mut self, id: &str, param: &str, value: ParamValue) {
+        let doc = &mut self.harness.state_mut().doc;
+        let node = doc.node_by_workflow_id(id).expect("node exists");
+        doc.snarl[node].params.insert(param.into(), value);
+    }
+
     fn drag(&mut self, from: Pos2, to: Pos2) {
         self.harness.hover_at(from);
         self.harness.run_steps(2);
@@ -413,13 +420,7 @@ fn a_run_streams_its_steps_and_ends_with_the_image() {
 fn sixteen_channel_latents_preview_through_the_shader() {
     // The shipped shapes model has 16 latent channels, like FLUX and SD3.
     let mut fixture = app(true);
-    {
-        let doc = &mut fixture.harness.state_mut().doc;
-        let model = doc.node_by_workflow_id("model").unwrap();
-        doc.snarl[model]
-            .params
-            .insert("family".into(), ParamValue::Text("shapes".into()));
-    }
+    fixture.set_param("model", "family", ParamValue::Text("shapes".into()));
     fixture.run_to_end();
     let app = fixture.app();
     assert_eq!(app.runs.queue.last().unwrap().state, RunState::Finished);
@@ -450,13 +451,7 @@ fn sixteen_channel_latents_preview_through_the_shader() {
 #[test]
 fn escape_cancels_the_running_run() {
     let mut fixture = app(false);
-    {
-        let doc = &mut fixture.harness.state_mut().doc;
-        let sampler = doc.node_by_workflow_id("sampler").unwrap();
-        doc.snarl[sampler]
-            .params
-            .insert("steps".into(), ParamValue::Int(1000));
-    }
+    fixture.set_param("sampler", "steps", ParamValue::Int(1000));
     fixture
         .harness
         .key_press_modifiers(Modifiers::COMMAND, Key::Enter);
@@ -474,13 +469,7 @@ fn escape_cancels_the_running_run() {
 #[test]
 fn a_queued_run_is_cancelled_from_the_queue_list() {
     let mut fixture = app(false);
-    {
-        let doc = &mut fixture.harness.state_mut().doc;
-        let sampler = doc.node_by_workflow_id("sampler").unwrap();
-        doc.snarl[sampler]
-            .params
-            .insert("steps".into(), ParamValue::Int(1000));
-    }
+    fixture.set_param("sampler", "steps", ParamValue::Int(1000));
     for _ in 0..2 {
         fixture
             .harness
@@ -525,14 +514,11 @@ fn a_broken_workflow_shows_its_error_and_changes_nothing() {
 #[test]
 fn dropping_a_saved_png_brings_its_graph_back() {
     let mut fixture = app(false);
-    {
-        let doc = &mut fixture.harness.state_mut().doc;
-        let prompt = doc.node_by_workflow_id("prompt").unwrap();
-        doc.snarl[prompt].params.insert(
-            "text".into(),
-            ParamValue::Text("a small green circle on a black background".into()),
-        );
-    }
+    fixture.set_param(
+        "prompt",
+        "text",
+        ParamValue::Text("a small green circle on a black background".into()),
+    );
     let ran = fixture.app().document().graph();
     fixture.run_to_end();
     let png = fixture
@@ -558,14 +544,7 @@ fn save_image_embeds_the_workflow_that_made_it() {
     fixture.run_to_end();
     let made_by = fixture.app().document().graph();
     // Edit after the run, then save the shown image where the Save Image dialog chose.
-    let sampler = fixture
-        .app()
-        .document()
-        .node_by_workflow_id("sampler")
-        .unwrap();
-    fixture.harness.state_mut().doc.snarl[sampler]
-        .params
-        .insert("steps".into(), ParamValue::Int(3));
+    fixture.set_param("sampler", "steps", ParamValue::Int(3));
     let target = fixture.dir.path().join("chosen.png");
     let sender = fixture.app().dialogs.sender.clone();
     sender
@@ -581,14 +560,7 @@ fn save_image_embeds_the_workflow_that_made_it() {
 #[test]
 fn unsaved_changes_are_not_lost_to_an_open() {
     let mut fixture = app(false);
-    let sampler = fixture
-        .app()
-        .document()
-        .node_by_workflow_id("sampler")
-        .unwrap();
-    fixture.harness.state_mut().doc.snarl[sampler]
-        .params
-        .insert("steps".into(), ParamValue::Int(5));
+    fixture.set_param("sampler", "steps", ParamValue::Int(5));
     fixture.harness.run_steps(2);
     let edited = fixture.app().document().graph();
     let other = fixture.dir.path().join("other.json");
