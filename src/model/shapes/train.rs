@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::autoencoder::PatchAutoencoder;
-use super::network::{NetworkConfig, Networks};
+use super::network::{Activation, NetworkConfig, Networks};
 use super::tokenizer::Tokenizer;
 use super::{AutoencoderConfig, CONFIG_FILE, FORMAT, PreviewConfig, ShapesConfig, WEIGHTS_FILE};
 use crate::dataset::{is_held_out, sample};
@@ -106,6 +106,10 @@ impl TrainSettings {
                 vocabulary_size: tokenizer.vocabulary().len(),
                 max_tokens: tokenizer.max_tokens(),
                 grid_position_period: 2.0 * (LATENT_SIZE / PATCH) as f32,
+                local_mixing: true,
+                preconditioning: true,
+                position_features: hidden / 2,
+                activation: Activation::Relu,
             },
             batch,
             learning_rate: 6e-4,
