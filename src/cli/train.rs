@@ -38,6 +38,9 @@ pub struct TrainArgs {
     /// Shift of the training σ distribution (on --resume: changes it from now on).
     #[arg(long)]
     sigma_shift: Option<f64>,
+    /// Adam's learning rate (on --resume: changes it from now on).
+    #[arg(long)]
+    learning_rate: Option<f64>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
@@ -64,6 +67,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
     };
     if let Some(shift) = args.sigma_shift {
         trainer.set_sigma_shift(shift);
+    }
+    if let Some(rate) = args.learning_rate {
+        trainer.set_learning_rate(rate);
     }
     match run(&mut trainer, &args, &command) {
         Ok(()) => {
