@@ -13,7 +13,7 @@
 //! older files still load: EDM-style preconditioning (the noise passes through a skip instead
 //! of through the network), grid positions beside the patch features instead of added to
 //! them, a 3×3 depthwise convolution that mixes neighbouring tokens in every block, and ReLU
-//! MLPs (the same quality for far less CPU than GELU). Sizes come from [`NetworkConfig`],
+//! MLPs (far less CPU than GELU). With them, samples are whole objects. Sizes come from [`NetworkConfig`],
 //! stored beside the weights.
 
 use candle_core::{D, DType, Device, Module, Tensor};
@@ -44,11 +44,10 @@ pub struct NetworkConfig {
     #[serde(default = "classic_position_period")]
     pub grid_position_period: f32,
     /// Whether each block mixes neighbouring image tokens with a 3×3 depthwise convolution
-    /// over the token grid before its MLP (as SANA's Mix-FFN does inside it). Attention alone left a small model,
-    /// trained for the hours a CPU allows, deciding every token on its own: samples were a
-    /// patchwork of object- and background-coloured tokens. The convolution gives every token
-    /// its neighbours from the first step, so edges and shapes come out whole. Older models
-    /// have none.
+    /// over the token grid before its MLP (as SANA's Mix-FFN does inside it). Attention alone
+    /// left a small model, trained for the hours a CPU allows, deciding every token on its own:
+    /// samples were a patchwork of object- and background-coloured tokens. The convolution gives
+    /// every token its neighbours from the first step. Older models have none.
     #[serde(default)]
     pub local_mixing: bool,
     /// Whether the network is wrapped in EDM-style preconditioning for the flow path (see
@@ -77,8 +76,8 @@ pub enum Activation {
     /// GELU, tanh approximation.
     #[default]
     Gelu,
-    /// ReLU: as good at this size, and on the CPU training runs much faster without it — GELU's
-    /// tanh and its gradient's powers took about a quarter of every training step.
+    /// ReLU: far cheaper on the CPU — GELU's tanh and its gradient's powers took about a
+    /// quarter of every training step.
     Relu,
 }
 
