@@ -6,6 +6,7 @@
 //! then analysed and judged attribute by attribute. A case is adherent when no attribute its
 //! prompt states is wrong.
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -51,7 +52,7 @@ pub struct EvalSettings {
     pub steps: Vec<usize>,
     pub scheduler: Scheduler,
     pub guidance: Guidance,
-    /// Images generated together (models that take batched prompts only).
+    /// Images generated together (models that cannot batch prompts generate one at a time).
     pub batch: usize,
 }
 
@@ -72,6 +73,9 @@ pub struct Row {
     /// Share of images with every stated attribute right.
     pub adherence: f64,
     pub attributes: Vec<AttributeScore>,
+    /// For each shape asked for, how often the analyser saw each shape (`none`: no object),
+    /// which tells a model that draws one shape for every word from one that draws nothing.
+    pub shapes_seen: BTreeMap<String, BTreeMap<String, usize>>,
     pub mean_straightness: f64,
     pub seconds: f64,
 }
@@ -93,16 +97,18 @@ pub fn evaluate(
         .iter()
         .map(|case| gaussian(case.seed, &shape[..], model.device()))
         .collect::<candle_core::Result<_>>()?;
+    let batch = if model.batches_prompts() {
+        settings.batch.max(1)
+    } else {
+        1
+    };
     let mut rows = Vec::new();
     for &sampler in &settings.samplers {
         for &steps in &settings.steps {
             let started = std::time::Instant::now();
             let mut images = Vec::with_capacity(cases.len());
             let mut straightness = 0.0;
-            for chunk in (0..cases.len())
-                .collect::<Vec<_>>()
-                .chunks(settings.batch.max(1))
-            {
+            for chunk in (0..cases.len()).collect::<Vec<_>>().chunks(batch) {
                 let (positive, start) = if chunk.len() == 1 {
                     (positives[chunk[0]].clone(), starts[chunk[0]].clone())
                 } else {
@@ -157,11 +163,17 @@ fn score(
         correct: 0,
         stated: 0,
     });
+    let mut shapes_seen: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
     for (case, image) in cases.iter().zip(images) {
+        let found = analyse(image).ok();
+        let seen = found.map_or("none", |found| found.shape.name());
+        *shapes_seen
+            .entry(case.caption.shape.name().to_string())
+            .or_default()
+            .entry(seen.to_string())
+            .or_default() += 1;
         // An image with no object found gets every attribute its prompt states wrong.
-        let verdicts = analyse(image)
-            .ok()
-            .map(|found| judge(&case.caption, &found).verdicts());
+        let verdicts = found.map(|found| judge(&case.caption, &found).verdicts());
         let stated = stated_attributes(&case.caption);
         adherent += usize::from(
             verdicts.is_some_and(|v| v.iter().all(|(_, verdict)| *verdict != Verdict::Wrong)),
@@ -180,6 +192,7 @@ fn score(
         images: images.len(),
         adherence: adherent as f64 / images.len().max(1) as f64,
         attributes: tallies.to_vec(),
+        shapes_seen,
         mean_straightness: straightness / images.len().max(1) as f64,
         seconds,
     }

@@ -134,4 +134,50 @@ fn eval_runs_on_the_shipped_weights_and_writes_json() {
     assert_eq!(rows[1]["images"], 2);
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("adherence"), "{stdout}");
+    let tallied: u64 = rows[1]["shapes_seen"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|seen| seen.as_object().unwrap().values())
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(tallied, 2, "every image is tallied once: {}", rows[1]);
+}
+
+#[test]
+fn eval_tallies_the_shape_seen_for_each_shape_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("eval.json");
+    let output = flowline(&[
+        "eval",
+        "--family",
+        "exemplar",
+        "--prompts",
+        "12",
+        "--samplers",
+        "euler",
+        "--steps",
+        "16",
+        "--cfg",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let seen = report["rows"][0]["shapes_seen"].as_object().unwrap();
+    // Unguided, the exemplar model draws pictures of its prompt, so the tally is diagonal.
+    for (asked, found) in seen {
+        assert_eq!(
+            found.as_object().unwrap().keys().collect::<Vec<_>>(),
+            [asked],
+            "{report}"
+        );
+    }
+    let asked: u64 = seen
+        .values()
+        .flat_map(|found| found.as_object().unwrap().values())
+        .map(|count| count.as_u64().unwrap())
+        .sum();
+    assert_eq!(asked, 12);
 }

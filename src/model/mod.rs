@@ -99,6 +99,12 @@ pub trait FlowModel: Send + Sync {
 
     fn preview(&self) -> &LatentPreview;
 
+    /// Whether [`FlowModel::batch_conditioning`] works: the model can generate a batch of
+    /// different prompts at once.
+    fn batches_prompts(&self) -> bool {
+        false
+    }
+
     /// One conditioning for a batch of prompts, in order, for models that can generate a batch
     /// of different prompts at once.
     fn batch_conditioning(&self, list: &[Conditioning]) -> anyhow::Result<Conditioning> {

@@ -258,6 +258,10 @@ impl FlowModel for ShapesModel {
         &self.preview
     }
 
+    fn batches_prompts(&self) -> bool {
+        true
+    }
+
     fn batch_conditioning(&self, list: &[Conditioning]) -> anyhow::Result<Conditioning> {
         let contexts: Vec<&Tensor> = list.iter().map(|c| &c.context).collect();
         Ok(Conditioning {

@@ -303,20 +303,19 @@ impl Trainer {
 
     /// Changes the σ shift of a resumed run from now on, noting the change in the record.
     pub fn set_sigma_shift(&mut self, shift: f64) {
-        let step = self.step;
         let old = std::mem::replace(&mut self.settings.sigma_shift, shift);
-        self.note_change(step, "sigma_shift", old, shift);
+        self.note_change("sigma_shift", old, shift);
     }
 
     /// Changes the learning rate of a resumed run from now on, noting the change in the record.
     pub fn set_learning_rate(&mut self, rate: f64) {
-        let step = self.step;
         let old = std::mem::replace(&mut self.settings.learning_rate, rate);
-        self.note_change(step, "learning_rate", old, rate);
+        self.note_change("learning_rate", old, rate);
     }
 
-    fn note_change(&mut self, step: usize, setting: &str, old: f64, new: f64) {
+    fn note_change(&mut self, setting: &str, old: f64, new: f64) {
         if old != new {
+            let step = self.step;
             self.notes
                 .push(format!("from step {step}: {setting} {new} (was {old})"));
         }
