@@ -37,7 +37,7 @@ fn a_few_training_steps_lower_the_loss() {
 fn training_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 3);
-    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu).unwrap();
+    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, None).unwrap();
     assert_eq!(resumed.step_count(), 3);
     resumed.train_step(0).unwrap();
     assert_eq!(resumed.step_count(), 4);
@@ -46,6 +46,58 @@ fn training_resumes_where_it_stopped() {
             .unwrap();
     assert_eq!(config["training"]["steps"], 3);
     assert_eq!(config["training"]["command"], "test");
+}
+
+#[test]
+fn a_convolutional_head_added_to_a_run_starts_as_the_identity_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = TrainSettings::tiny();
+    settings.network.conv_head = 0;
+    let mut trainer = Trainer::new(settings, &Device::Cpu).unwrap();
+    for i in 0..3 {
+        trainer.train_step(i).unwrap();
+    }
+    trainer.save(dir.path(), "test").unwrap();
+    let velocity = |folder: &Path| {
+        let model = ShapesModel::load(folder, &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, 16, 16, 16), &Device::Cpu).unwrap();
+        let cond = model.encode_prompt("a red star").unwrap();
+        let v = model.velocity(&x, 0.7, &cond).unwrap();
+        (x, v, model)
+    };
+    let (x, before, _) = velocity(dir.path());
+
+    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Some(4)).unwrap();
+    assert_eq!(resumed.settings().network.conv_head, 4);
+    resumed.save(dir.path(), "test").unwrap();
+    let (_, _, model) = velocity(dir.path());
+    let cond = model.encode_prompt("a red star").unwrap();
+    let after = model.velocity(&x, 0.7, &cond).unwrap();
+    let change = (&after - &before)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        change < 1e-5,
+        "the added head changed the output by {change}"
+    );
+
+    assert!(resumed.train_step(0).unwrap().is_finite());
+    resumed.save(dir.path(), "test").unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["network"]["conv_head"], 4);
+    let again = Trainer::resume(dir.path(), &Device::Cpu, Some(4));
+    let message = format!("{:#}", again.err().unwrap());
+    assert!(
+        message.contains("already has a convolutional head"),
+        "{message}"
+    );
 }
 
 #[test]

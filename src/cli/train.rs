@@ -41,6 +41,9 @@ pub struct TrainArgs {
     /// Adam's learning rate (on --resume: changes it from now on).
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// Channels of the convolutional head (on --resume: adds one to a run that has none).
+    #[arg(long, value_name = "CHANNELS")]
+    conv_head: Option<usize>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
@@ -53,12 +56,15 @@ pub fn train(args: TrainArgs) -> ExitCode {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let device = candle_core::Device::Cpu;
     let trainer = if args.resume {
-        Trainer::resume(&args.out, &device)
+        Trainer::resume(&args.out, &device, args.conv_head)
     } else {
-        let settings = match args.preset {
+        let mut settings = match args.preset {
             Preset::Default => TrainSettings::default_model(),
             Preset::Tiny => TrainSettings::tiny(),
         };
+        if let Some(channels) = args.conv_head {
+            settings.network.conv_head = channels;
+        }
         Trainer::new(settings, &device)
     };
     let mut trainer = match trainer {

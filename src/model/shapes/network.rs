@@ -13,11 +13,13 @@
 //! older files still load: EDM-style preconditioning (the noise passes through a skip instead
 //! of through the network), grid positions beside the patch features instead of added to
 //! them, a 3×3 depthwise convolution that mixes neighbouring tokens in every block, and ReLU
-//! MLPs (far less CPU than GELU). With them, samples are whole objects. Sizes come from [`NetworkConfig`],
-//! stored beside the weights.
+//! MLPs (far less CPU than GELU). With them, samples are whole objects, of the prompted colour
+//! and place, but blobs whatever the shape word. A convolutional head at latent resolution
+//! ([`ConvHead`]), which a run can add to a trained network, is the next attempt at shapes.
+//! Sizes come from [`NetworkConfig`], stored beside the weights.
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Embedding, Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 /// Sizes of both networks.
@@ -67,6 +69,10 @@ pub struct NetworkConfig {
     /// The MLPs' nonlinearity (older models: GELU).
     #[serde(default)]
     pub activation: Activation,
+    /// Channels of a convolutional head that refines the DiT's output at latent resolution
+    /// (see [`ConvHead`]); 0 (older models): none.
+    #[serde(default)]
+    pub conv_head: usize,
 }
 
 /// The nonlinearity inside every MLP.
@@ -246,6 +252,123 @@ impl LocalMixing {
     }
 }
 
+/// Normalisation over the channels of every latent position (`[B, C, H, W]`), without learned
+/// parameters.
+fn normalize_channels(x: &Tensor) -> candle_core::Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(1)?)?;
+    let variance = centred.sqr()?.mean_keepdim(1)?;
+    centred.broadcast_div(&(variance + NORM_EPS)?.sqrt()?)
+}
+
+/// A 3×3 convolution with zero padding, keeping the side.
+fn conv3x3(
+    inputs: usize,
+    outputs: usize,
+    init: Option<Init>,
+    vb: VarBuilder,
+) -> candle_core::Result<Conv2d> {
+    let config = Conv2dConfig {
+        padding: 1,
+        ..Conv2dConfig::default()
+    };
+    match init {
+        None => candle_nn::conv2d(inputs, outputs, 3, config, vb),
+        Some(init) => Ok(Conv2d::new(
+            vb.get_with_hints((outputs, inputs, 3, 3), "weight", init)?,
+            Some(vb.get_with_hints(outputs, "bias", init)?),
+            config,
+        )),
+    }
+}
+
+/// A residual block of two 3×3 convolutions, each after a normalisation modulated by the
+/// noise level and the pooled prompt (FiLM), the second starting at zero so the block starts
+/// as the identity.
+struct ConvBlock {
+    modulation: Linear,
+    first: Conv2d,
+    second: Conv2d,
+}
+
+impl ConvBlock {
+    fn new(channels: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(ConvBlock {
+            modulation: zero_linear(hidden, 4 * channels, vb.pp("modulation"))?,
+            first: conv3x3(channels, channels, None, vb.pp("first"))?,
+            second: conv3x3(channels, channels, Some(Init::Const(0.0)), vb.pp("second"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, conditioning: &Tensor) -> candle_core::Result<Tensor> {
+        let m: Vec<Tensor> = self
+            .modulation
+            .forward(conditioning)?
+            .chunk(4, D::Minus1)?
+            .into_iter()
+            .map(|t| t.unsqueeze(2)?.unsqueeze(3))
+            .collect::<candle_core::Result<_>>()?;
+        let film = |x: &Tensor, shift: &Tensor, scale: &Tensor| {
+            normalize_channels(x)?
+                .broadcast_mul(&(scale + 1.0)?)?
+                .broadcast_add(shift)?
+                .relu()
+        };
+        let h = self.first.forward(&film(x, &m[0], &m[1])?)?;
+        x + self.second.forward(&film(&h, &m[2], &m[3])?)?
+    }
+}
+
+/// A small convolutional network at latent resolution that refines the DiT's output: it sees
+/// that output beside the (scaled) input latent, and adds its own correction, which starts at
+/// zero, so a head added to a trained model changes nothing until it learns.
+///
+/// Why: the DiT renders each token's 8×8 pixels from that token's features alone and knows
+/// where a token is only through absolute position features, so drawing a star at every place
+/// and size is something it must learn place by place; a model trained for the hours a CPU
+/// allows drew blobs for every shape word. Convolutions are the same at every place, so a
+/// shape's edges learnt in one place are drawn in all.
+pub struct ConvHead {
+    input: Conv2d,
+    blocks: Vec<ConvBlock>,
+    output: Conv2d,
+}
+
+/// Residual convolution blocks in a [`ConvHead`]: with its input and output convolutions, a
+/// receptive field of 11 latent positions (44 pixels), a large shape's whole box.
+const CONV_HEAD_BLOCKS: usize = 2;
+
+impl ConvHead {
+    fn new(config: &NetworkConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let channels = config.conv_head;
+        Ok(ConvHead {
+            input: conv3x3(2 * config.latent_channels, channels, None, vb.pp("input"))?,
+            blocks: (0..CONV_HEAD_BLOCKS)
+                .map(|i| ConvBlock::new(channels, config.hidden, vb.pp(format!("blocks.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
+            output: conv3x3(
+                channels,
+                config.latent_channels,
+                Some(Init::Const(0.0)),
+                vb.pp("output"),
+            )?,
+        })
+    }
+
+    /// The DiT's output `raw` refined, given the network's input `x` (both `[B, C, S, S]`).
+    fn forward(
+        &self,
+        raw: &Tensor,
+        x: &Tensor,
+        conditioning: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let mut h = self.input.forward(&Tensor::cat(&[raw, x], 1)?)?;
+        for block in &self.blocks {
+            h = block.forward(&h, conditioning)?;
+        }
+        raw + self.output.forward(&normalize_channels(&h)?.relu()?)?
+    }
+}
+
 /// The prompt encoder: token embeddings plus positions through a pre-norm transformer.
 pub struct TextEncoder {
     embedding: Embedding,
@@ -340,6 +463,7 @@ pub struct VelocityNet {
     blocks: Vec<DitBlock>,
     final_modulation: Linear,
     final_out: Linear,
+    conv_head: Option<ConvHead>,
 }
 
 impl VelocityNet {
@@ -389,6 +513,9 @@ impl VelocityNet {
             blocks,
             final_modulation: zero_linear(hidden, 2 * hidden, vb.pp("final_modulation"))?,
             final_out: zero_linear(hidden, patch_values, vb.pp("final_out"))?,
+            conv_head: (config.conv_head > 0)
+                .then(|| ConvHead::new(config, vb.pp("conv_head")))
+                .transpose()?,
         })
     }
 
@@ -447,9 +574,14 @@ impl VelocityNet {
         let out = self
             .final_out
             .forward(&modulate(&normalize(&image)?, &m[0], &m[1])?)?;
-        out.reshape(vec![batch, grid, grid, channels, p, p])?
+        let out = out
+            .reshape(vec![batch, grid, grid, channels, p, p])?
             .permute([0, 3, 1, 4, 2, 5])?
-            .reshape((batch, channels, size, size))
+            .reshape((batch, channels, size, size))?;
+        match &self.conv_head {
+            Some(head) => head.forward(&out, x, &conditioning),
+            None => Ok(out),
+        }
     }
 }
 

@@ -71,12 +71,12 @@ fn no_shift() -> f64 {
 impl TrainSettings {
     /// The configuration the shipped model is trained with.
     pub fn default_model() -> Self {
-        Self::with_network(128, 4, 64, 1, 32)
+        Self::with_network(128, 4, 64, 1, 32, 32)
     }
 
     /// A very small configuration for tests and CI: trains in seconds.
     pub fn tiny() -> Self {
-        let mut settings = Self::with_network(32, 1, 16, 1, 8);
+        let mut settings = Self::with_network(32, 1, 16, 1, 8, 8);
         settings.autoencoder_images = 32;
         settings.warmup_steps = 5;
         settings.learning_rate = 2e-3;
@@ -89,6 +89,7 @@ impl TrainSettings {
         text_dim: usize,
         text_layers: usize,
         batch: usize,
+        conv_head: usize,
     ) -> Self {
         let tokenizer = Tokenizer::for_shapes(MAX_TOKENS);
         TrainSettings {
@@ -110,6 +111,7 @@ impl TrainSettings {
                 preconditioning: true,
                 position_features: hidden / 2,
                 activation: Activation::Relu,
+                conv_head,
             },
             batch,
             learning_rate: 6e-4,
@@ -167,6 +169,9 @@ fn pictures(seed: u64, count: usize, device: &Device) -> anyhow::Result<Tensor> 
     Ok(Tensor::stack(&images, 0)?.to_device(device)?)
 }
 
+/// Where the names of a convolutional head's weights start.
+const CONV_HEAD_PREFIX: &str = "velocity.conv_head.";
+
 /// The seed the autoencoder is fitted on, apart from the training stream.
 const AUTOENCODER_SEED_OFFSET: u64 = 1_000_003;
 
@@ -199,14 +204,37 @@ impl Trainer {
         Self::assemble(state, autoencoder, None, device)
     }
 
-    /// Continues the run checkpointed in `folder`.
-    pub fn resume(folder: &Path, device: &Device) -> anyhow::Result<Self> {
+    /// Continues the run checkpointed in `folder`. With `add_conv_head`, the network gets a
+    /// convolutional head of that many channels first (see [`NetworkConfig::conv_head`]),
+    /// freshly initialised and starting as the identity, noted in the record.
+    pub fn resume(
+        folder: &Path,
+        device: &Device,
+        add_conv_head: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let state_path = folder.join(CHECKPOINT_STATE);
-        let state: CheckpointState = serde_json::from_str(
+        let mut state: CheckpointState = serde_json::from_str(
             &std::fs::read_to_string(&state_path)
                 .with_context(|| format!("cannot read {}", state_path.display()))?,
         )
         .with_context(|| format!("{} is broken", state_path.display()))?;
+        let mut added = None;
+        if let Some(channels) = add_conv_head {
+            let network = &mut state.settings.network;
+            anyhow::ensure!(
+                network.conv_head == 0,
+                "the run in {} already has a convolutional head ({} channels)",
+                folder.display(),
+                network.conv_head
+            );
+            anyhow::ensure!(channels > 0, "a convolutional head needs channels");
+            network.conv_head = channels;
+            state.notes.push(format!(
+                "from step {}: conv_head {channels} added (was none)",
+                state.step
+            ));
+            added = Some(CONV_HEAD_PREFIX);
+        }
         let tensors_path = folder.join(CHECKPOINT_FILE);
         let tensors = candle_core::safetensors::load(&tensors_path, device)
             .with_context(|| format!("cannot read {}", tensors_path.display()))?;
@@ -222,13 +250,16 @@ impl Trainer {
             scale: state.autoencoder.scale,
             shift: state.autoencoder.shift,
         };
-        Self::assemble(state, autoencoder, Some(&tensors), device)
+        Self::assemble(state, autoencoder, Some((&tensors, added)), device)
     }
 
+    /// Builds the trainer's networks: from a checkpoint's raw and averaged weights, where one
+    /// is given (with the prefix of any part added since, which is initialised fresh), or
+    /// freshly initialised.
     fn assemble(
         state: CheckpointState,
         autoencoder: PatchAutoencoder,
-        checkpoint: Option<&HashMap<String, Tensor>>,
+        checkpoint: Option<(&HashMap<String, Tensor>, Option<&str>)>,
         device: &Device,
     ) -> anyhow::Result<Self> {
         let settings = state.settings;
@@ -237,9 +268,11 @@ impl Trainer {
             &settings.network,
             VarBuilder::from_varmap(&varmap, DType::F32, device),
         )?;
-        if checkpoint.is_none() {
-            redraw_initial_weights(&varmap, settings.seed, device)?;
-        }
+        let is_added = |name: &str| match checkpoint {
+            None => true,
+            Some((_, added)) => added.is_some_and(|prefix| name.starts_with(prefix)),
+        };
+        redraw_initial_weights(&varmap, settings.seed, device, is_added)?;
         let mut ema = HashMap::new();
         for (name, var) in varmap
             .data()
@@ -247,7 +280,7 @@ impl Trainer {
             .expect("the var map is not poisoned")
             .iter()
         {
-            if let Some(saved) = checkpoint {
+            if let Some((saved, _)) = checkpoint.filter(|_| !is_added(name)) {
                 let raw = saved
                     .get(&format!("raw.{name}"))
                     .with_context(|| format!("the checkpoint has no tensor raw.{name}"))?;
@@ -486,14 +519,23 @@ impl Trainer {
 
 /// candle's CPU generator cannot be seeded, so every randomly initialised weight is redrawn
 /// from Flowline's portable generator, at the scale candle's initialiser uses for it:
-/// embeddings N(0, 1), linear weights Kaiming-normal
-/// (std √(2/fan_in)), linear biases with the variance of U(±1/√fan_in). Constant
+/// embeddings N(0, 1), linear and convolution weights Kaiming-normal
+/// (std √(2/fan_in)), their biases with the variance of U(±1/√fan_in). Constant
 /// initialisations (norm scales, adaLN-Zero's zeros) stay. A seed thus reproduces the run.
-fn redraw_initial_weights(varmap: &VarMap, seed: u64, device: &Device) -> anyhow::Result<()> {
+/// Only the weights `wanted` names are drawn (a resumed run draws only the parts it adds).
+fn redraw_initial_weights(
+    varmap: &VarMap,
+    seed: u64,
+    device: &Device,
+    wanted: impl Fn(&str) -> bool,
+) -> anyhow::Result<()> {
     let data = varmap.data().lock().expect("the var map is not poisoned");
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for (index, name) in names.iter().enumerate() {
+        if !wanted(name) {
+            continue;
+        }
         let current = data[*name].as_tensor();
         let spread = current
             .broadcast_sub(&current.mean_all()?)?
@@ -502,14 +544,18 @@ fn redraw_initial_weights(varmap: &VarMap, seed: u64, device: &Device) -> anyhow
         if spread.to_scalar::<f32>()? == 0.0 {
             continue;
         }
-        let fan_in = |weight: &str| data.get(weight).map(|w| w.dims()[1] as f64);
+        // Inputs per output: a matrix's columns, a convolution's input channels × kernel.
+        let fan_in = |weight: &str| {
+            data.get(weight)
+                .map(|w| w.dims()[1..].iter().product::<usize>() as f64)
+        };
         let std = if name.ends_with("embedding.weight") {
             1.0
         } else if let Some(layer) = name.strip_suffix(".bias") {
             let fan_in = fan_in(&format!("{layer}.weight")).context("a bias has its weight")?;
             1.0 / (3.0 * fan_in).sqrt()
         } else {
-            (2.0 / fan_in(name).context("a weight is a matrix")?).sqrt()
+            (2.0 / fan_in(name).context("a weight has inputs")?).sqrt()
         };
         let stream = seed.wrapping_mul(1_000_003).wrapping_add(index as u64);
         data[*name].set(&gaussian(stream, current.shape(), device)?.affine(std, 0.0)?)?;
