@@ -69,7 +69,8 @@ fn no_shift() -> f64 {
 }
 
 impl TrainSettings {
-    /// The configuration the shipped model is trained with.
+    /// The configuration a run of the shipped model starts with; the shipped run's record
+    /// (`training.notes` in its config) lists what it changed along the way.
     pub fn default_model() -> Self {
         Self::with_network(128, 4, 64, 1, 32, 32)
     }
