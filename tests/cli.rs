@@ -109,12 +109,33 @@ fn bad_parameters_exit_2() {
     assert!(!Path::new(&dir.path().join("flowline_00001.png")).exists());
 }
 
-#[test]
-fn eval_runs_on_the_shipped_weights_and_writes_json() {
+/// Runs `flowline eval` with `args` and `--json`; returns the JSON report and what it printed.
+fn eval_report(args: &[&str]) -> (serde_json::Value, String) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("eval.json");
-    let output = flowline(&[
-        "eval",
+    let mut all = vec!["eval"];
+    all.extend_from_slice(args);
+    all.extend(["--json", json.to_str().unwrap()]);
+    let output = flowline(&all);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (report, String::from_utf8(output.stdout).unwrap())
+}
+
+/// How many images a row's `shapes_seen` tallies.
+fn tallied(row: &serde_json::Value) -> u64 {
+    row["shapes_seen"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|seen| seen.as_object().unwrap().values())
+        .map(|count| count.as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn eval_runs_on_the_shipped_weights_and_writes_json() {
+    let (report, stdout) = eval_report(&[
         "--family",
         "shapes",
         "--prompts",
@@ -123,33 +144,23 @@ fn eval_runs_on_the_shipped_weights_and_writes_json() {
         "euler",
         "--steps",
         "1,2",
-        "--json",
-        json.to_str().unwrap(),
     ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[1]["steps"], 2);
     assert_eq!(rows[1]["images"], 2);
-    let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("adherence"), "{stdout}");
-    let tallied: u64 = rows[1]["shapes_seen"]
-        .as_object()
-        .unwrap()
-        .values()
-        .flat_map(|seen| seen.as_object().unwrap().values())
-        .map(|count| count.as_u64().unwrap())
-        .sum();
-    assert_eq!(tallied, 2, "every image is tallied once: {}", rows[1]);
+    assert_eq!(
+        tallied(&rows[1]),
+        2,
+        "every image is tallied once: {}",
+        rows[1]
+    );
 }
 
 #[test]
 fn eval_tallies_the_shape_seen_for_each_shape_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("eval.json");
-    let output = flowline(&[
-        "eval",
+    let (report, _) = eval_report(&[
         "--family",
         "exemplar",
         "--prompts",
@@ -160,24 +171,15 @@ fn eval_tallies_the_shape_seen_for_each_shape_asked() {
         "16",
         "--cfg",
         "1",
-        "--json",
-        json.to_str().unwrap(),
     ]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let seen = report["rows"][0]["shapes_seen"].as_object().unwrap();
+    let row = &report["rows"][0];
     // Unguided, the exemplar model draws pictures of its prompt, so the tally is diagonal.
-    for (asked, found) in seen {
+    for (asked, found) in row["shapes_seen"].as_object().unwrap() {
         assert_eq!(
             found.as_object().unwrap().keys().collect::<Vec<_>>(),
             [asked],
             "{report}"
         );
     }
-    let asked: u64 = seen
-        .values()
-        .flat_map(|found| found.as_object().unwrap().values())
-        .map(|count| count.as_u64().unwrap())
-        .sum();
-    assert_eq!(asked, 12);
+    assert_eq!(tallied(row), 12);
 }

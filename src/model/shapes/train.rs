@@ -230,10 +230,6 @@ impl Trainer {
             );
             anyhow::ensure!(channels > 0, "a convolutional head needs channels");
             network.conv_head = channels;
-            state.notes.push(format!(
-                "from step {}: conv_head {channels} added (was none)",
-                state.step
-            ));
             added = Some(CONV_HEAD_PREFIX);
         }
         let tensors_path = folder.join(CHECKPOINT_FILE);
@@ -251,7 +247,11 @@ impl Trainer {
             scale: state.autoencoder.scale,
             shift: state.autoencoder.shift,
         };
-        Self::assemble(state, autoencoder, Some((&tensors, added)), device)
+        let mut trainer = Self::assemble(state, autoencoder, Some((&tensors, added)), device)?;
+        if let Some(channels) = add_conv_head {
+            trainer.note_change("conv_head", 0.0, channels as f64);
+        }
+        Ok(trainer)
     }
 
     /// Builds the trainer's networks: from a checkpoint's raw and averaged weights, where one
