@@ -183,3 +183,31 @@ fn eval_tallies_the_shape_seen_for_each_shape_asked() {
     }
     assert_eq!(tallied(row), 12);
 }
+
+#[test]
+fn eval_guides_with_the_variant_and_interval_asked_for() {
+    let (report, stdout) = eval_report(&[
+        "--prompts",
+        "3",
+        "--samplers",
+        "euler",
+        "--steps",
+        "2",
+        "--guidance",
+        "cfg_zero_star",
+        "--guidance-interval",
+        "0.2,0.9",
+    ]);
+    assert_eq!(report["guidance"], "cfg_zero_star");
+    assert_eq!(report["guidance_interval"], serde_json::json!([0.2, 0.9]));
+    assert_eq!(tallied(&report["rows"][0]), 3);
+    assert!(
+        stdout.contains("guidance cfg_zero_star at scale 3 for σ in [0.2, 0.9]"),
+        "{stdout}"
+    );
+
+    let output = flowline(&["eval", "--guidance", "louder"]);
+    assert_bad_input(&output, "unknown guidance \"louder\"");
+    let output = flowline(&["eval", "--guidance-interval", "0.9,0.2"]);
+    assert_bad_input(&output, "0 ≤ LOW ≤ HIGH ≤ 1");
+}

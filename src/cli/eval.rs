@@ -34,6 +34,13 @@ pub struct EvalArgs {
     /// CFG scale (1 = no guidance).
     #[arg(long, default_value_t = 3.0)]
     cfg: f64,
+    /// How guidance combines the predictions: cfg, rescale, cfg_zero_star or apg (the CFG
+    /// node's other settings at their defaults).
+    #[arg(long, default_value = "cfg")]
+    guidance: String,
+    /// Guides only for σ in LOW,HIGH (the CFG node's interval).
+    #[arg(long, default_value = "0,1", value_name = "LOW,HIGH", value_parser = parse_interval)]
+    guidance_interval: (f64, f64),
     /// Shift of the shifted scheduler.
     #[arg(long, default_value_t = 3.0)]
     shift: f64,
@@ -43,6 +50,19 @@ pub struct EvalArgs {
     /// Writes the table as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+/// `LOW,HIGH`, two noise levels in [0, 1] with LOW ≤ HIGH.
+fn parse_interval(text: &str) -> Result<(f64, f64), String> {
+    let bounds = text
+        .split(',')
+        .map(|part| part.trim().parse::<f64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{text:?} is not LOW,HIGH: {e}"))?;
+    match bounds[..] {
+        [low, high] if (0.0..=high).contains(&low) && high <= 1.0 => Ok((low, high)),
+        _ => Err(format!("{text:?} is not LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")),
+    }
 }
 
 pub fn eval(args: EvalArgs) -> ExitCode {
@@ -59,6 +79,17 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             None => return fail(EXIT_BAD_INPUT, format!("unknown sampler {name:?}")),
         }
     }
+    let Some(method) = GuidanceMethod::from_name(&args.guidance) else {
+        return fail(
+            EXIT_BAD_INPUT,
+            format!(
+                "unknown guidance {:?} (known: {})",
+                args.guidance,
+                GuidanceMethod::NAMES.join(", ")
+            ),
+        );
+    };
+    let interval = args.guidance_interval;
     let folder = args.model.clone().unwrap_or_default();
     let model = match (family.load)(&LoadRequest::new(folder, &Device::Cpu), &mut |line| {
         println!("{line}")
@@ -72,17 +103,21 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         scheduler: Scheduler::Shifted { shift: args.shift },
         guidance: Guidance {
             scale: args.cfg,
-            method: GuidanceMethod::Cfg,
+            method,
+            interval,
             ..Guidance::default()
         },
         batch: args.batch,
     };
     let cases = held_out_cases(args.prompts);
     println!(
-        "{} on {} held-out prompts, CFG {}, shifted scheduler (shift {})",
+        "{} on {} held-out prompts, guidance {} at scale {} for σ in [{}, {}], shifted scheduler (shift {})",
         model.describe(),
         cases.len(),
+        method.name(),
         args.cfg,
+        interval.0,
+        interval.1,
         args.shift
     );
     println!(
@@ -126,6 +161,8 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             "model": model.describe(),
             "prompts": cases.len(),
             "cfg": args.cfg,
+            "guidance": method.name(),
+            "guidance_interval": [interval.0, interval.1],
             "shift": args.shift,
             "rows": rows,
         });

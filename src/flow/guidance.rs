@@ -5,7 +5,8 @@
 //! plain CFG Flowline offers three counter-measures. Rescale and APG act on the clean-image
 //! estimates `x̂0 = x − σ·v`, where saturation actually lives; the combined estimate is turned
 //! back into a velocity with `v = (x − x̂0)/σ`. CFG-Zero* was designed for flow velocities and
-//! acts on them directly. All norms and statistics run over the whole latent (batch size 1).
+//! acts on them directly. Their norms and statistics run over each image's whole latent: a batch
+//! of latents (`[B, C, H, W]`, as `flowline eval` samples) is guided image by image.
 
 use candle_core::{Result, Tensor};
 
@@ -86,6 +87,27 @@ impl Guidance {
 
     /// The guided velocity at `x`, `sigma` (call only where [`Self::needs_unconditional`]).
     pub fn combine(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+        cond: &Tensor,
+        uncond: &Tensor,
+    ) -> Result<Tensor> {
+        let images = if x.rank() == 4 { x.dim(0)? } else { 1 };
+        if images == 1 || self.method == GuidanceMethod::Cfg {
+            return self.combine_image(x, sigma, cond, uncond);
+        }
+        let guided = (0..images)
+            .map(|i| {
+                let image = |t: &Tensor| t.narrow(0, i, 1);
+                self.combine_image(&image(x)?, sigma, &image(cond)?, &image(uncond)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&guided, 0)
+    }
+
+    /// [`Self::combine`] for one image, whose whole latent the statistics run over.
+    fn combine_image(
         &self,
         x: &Tensor,
         sigma: f64,
@@ -206,6 +228,33 @@ mod tests {
         let uncond = t(&[1.0, 1.0]);
         let v = g.combine(&t(&[0.0; 2]), 0.5, &cond, &uncond).unwrap();
         assert_close(&vec(&v), &[0.5 + 5.0 * 0.5, 0.5 - 5.0 * 0.5]);
+    }
+
+    #[test]
+    fn a_batch_is_guided_image_by_image() {
+        let latent = |values: &[f64]| {
+            Tensor::new(values, &Device::Cpu)
+                .unwrap()
+                .reshape((2, 1, 1, 2))
+                .unwrap()
+        };
+        let x = latent(&[0.3, -0.2, 0.9, 0.1]);
+        let cond = latent(&[1.0, -1.0, 0.5, 0.0]);
+        let uncond = latent(&[0.2, 0.3, -4.0, 2.0]);
+        for method in GuidanceMethod::ALL {
+            let g = guidance(method, 4.0);
+            let batch = g.combine(&x, 0.6, &cond, &uncond).unwrap();
+            for i in 0..2 {
+                let image = |t: &Tensor| t.narrow(0, i, 1).unwrap();
+                let alone = g
+                    .combine(&image(&x), 0.6, &image(&cond), &image(&uncond))
+                    .unwrap();
+                assert_close(
+                    &vec(&image(&batch).flatten_all().unwrap()),
+                    &vec(&alone.flatten_all().unwrap()),
+                );
+            }
+        }
     }
 
     #[test]
