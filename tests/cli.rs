@@ -211,3 +211,23 @@ fn eval_guides_with_the_variant_and_interval_asked_for() {
     let output = flowline(&["eval", "--guidance-interval", "0.9,0.2"]);
     assert_bad_input(&output, "0 ≤ LOW ≤ HIGH ≤ 1");
 }
+
+#[test]
+fn bench_times_the_default_workflow_with_the_changes_asked_for() {
+    let output = flowline(&[
+        "bench",
+        "--repeats",
+        "1",
+        "--steps",
+        "2",
+        "--set",
+        "model.family=shapes",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("model shapes loaded"), "{stdout}");
+    assert!(stdout.contains("wall time"), "{stdout}");
+
+    let output = flowline(&["bench", "--set", "model.size=9"]);
+    assert_bad_input(&output, "has no parameter \"size\"");
+}

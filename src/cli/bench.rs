@@ -1,7 +1,8 @@
 //! `flowline bench`: what a run costs.
 //!
 //! First the default workflow end to end (model load included, a fresh executor each time, so
-//! nothing is cached) and the process's peak memory. Then how much the sampling loop itself
+//! nothing is cached) and the process's peak memory; `--set` changes it as `flowline run`
+//! does, so `--set model.family=shapes` measures the trained shapes model. Then how much the sampling loop itself
 //! costs per step, apart from the model: the overhead is measured with a velocity field that
 //! costs nothing (it returns a tensor computed beforehand), so what remains is record keeping,
 //! norms, divergence checks and the update itself; the default model's own time per
@@ -24,7 +25,7 @@ use flowline::model::{FAMILY_NAMES, LoadRequest, family};
 use flowline::nodes::RunEnv;
 use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
-use super::{EXIT_FAILURE, fail};
+use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -34,12 +35,24 @@ pub struct BenchArgs {
     /// Measured runs per row (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Overrides a parameter of the default workflow, e.g. --set model.family=shapes.
+    #[arg(long = "set", value_name = "NODE.PARAM=VALUE")]
+    set: Vec<String>,
 }
 
 const LATENT_SHAPES: [[usize; 4]; 3] = [[1, 3, 64, 64], [1, 16, 64, 64], [1, 16, 128, 128]];
 
 pub fn bench(args: BenchArgs) -> ExitCode {
-    match run(&args) {
+    let mut workflow = match Workflow::from_json(DEFAULT_WORKFLOW, "default workflow") {
+        Ok(workflow) => workflow,
+        Err(e) => return fail(EXIT_FAILURE, format!("{e:#}")),
+    };
+    for assignment in &args.set {
+        if let Err(e) = workflow.apply_assignment(assignment) {
+            return fail(EXIT_BAD_INPUT, format!("--set {assignment}: {e}"));
+        }
+    }
+    match run(&args, &workflow) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(EXIT_FAILURE, format!("{e:#}")),
     }
@@ -59,9 +72,9 @@ fn median_seconds(
     Ok(times[times.len() / 2])
 }
 
-/// Runs the default workflow once on a fresh executor; returns the seconds it took.
-fn run_default_workflow(output: &Path) -> anyhow::Result<f64> {
-    let workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default workflow")?;
+/// Runs the workflow once on a fresh executor; returns the seconds it took.
+fn run_workflow(workflow: &Workflow, output: &Path) -> anyhow::Result<f64> {
+    let workflow = workflow.clone();
     let started = Instant::now();
     let mut executor = Executor::spawn();
     let env = RunEnv {
@@ -87,13 +100,17 @@ fn peak_memory_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-fn run(args: &BenchArgs) -> anyhow::Result<()> {
+fn run(args: &BenchArgs, workflow: &Workflow) -> anyhow::Result<()> {
     let output = tempfile::tempdir()?;
     let seconds = median_seconds(args.repeats, || {
-        run_default_workflow(output.path())?;
+        run_workflow(workflow, output.path())?;
         Ok(())
     })?;
-    let workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default workflow")?;
+    let model_node = workflow.graph.node("model").map(|n| &n.params);
+    let family_name = match model_node.and_then(|p| p.get("family")) {
+        Some(ParamValue::Text(name)) => name.clone(),
+        _ => FAMILY_NAMES[0].to_string(),
+    };
     let sampler = workflow.graph.node("sampler").map(|n| &n.params);
     let describe = |key: &str| {
         sampler
@@ -101,7 +118,7 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .map_or("default".to_string(), |v| v.to_string())
     };
     println!(
-        "Default workflow end to end (model load, prompts, {} {} steps with CFG, decode, save), median of {}",
+        "Default workflow end to end (model {family_name} loaded, prompts, {} {} steps with CFG, decode, save), median of {}",
         describe("steps"),
         describe("sampler"),
         args.repeats
@@ -153,11 +170,6 @@ fn run(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
 
-    let model_node = workflow.graph.node("model").map(|n| &n.params);
-    let family_name = match model_node.and_then(|p| p.get("family")) {
-        Some(ParamValue::Text(name)) => name.clone(),
-        _ => FAMILY_NAMES[0].to_string(),
-    };
     let family = family(&family_name).with_context(|| format!("no model family {family_name}"))?;
     let model = (family.load)(&LoadRequest::new("", &Device::Cpu), &mut |_| {})?;
     let shape = model.latent_shape(64, 64)?;
