@@ -1,12 +1,12 @@
 //! `flowline bench`: what a run costs.
 //!
 //! First the default workflow end to end (model load included, a fresh executor each time, so
-//! nothing is cached) and the process's peak memory; `--set` changes it as `flowline run`
-//! does, so `--set model.family=shapes` measures the trained shapes model. Then how much the sampling loop itself
-//! costs per step, apart from the model: the overhead is measured with a velocity field that
-//! costs nothing (it returns a tensor computed beforehand), so what remains is record keeping,
-//! norms, divergence checks and the update itself; the default model's own time per
-//! evaluation is measured separately.
+//! nothing is cached) and the process's peak memory; `--set` changes the workflow as in
+//! `flowline run`, so `--set model.family=shapes` measures the trained shapes model. Then how
+//! much the sampling loop itself costs per step, apart from the model: the overhead is
+//! measured with a velocity field that costs nothing (it returns a tensor computed
+//! beforehand), so what remains is record keeping, norms, divergence checks and the update
+//! itself; the workflow model's own time per evaluation is measured separately.
 
 use std::ops::ControlFlow;
 use std::path::Path;
