@@ -20,9 +20,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// How long freed memory stays committed before mimalloc gives it back to the system. Its
 /// default, 10 ms, is far shorter than a training step, so each step's buffers came back as
-/// fresh pages the kernel zeroed again (system time of 8–17 % of a single-threaded training
-/// step, measured; 1–2 % with purging held off). Seconds keep them from step to step and still
-/// return the memory once a run is over.
+/// fresh pages the kernel zeroed again (system time was 7–16 % of a single-threaded training
+/// step, measured; 2 % with this delay). Seconds keep them from step to step and still return
+/// the memory once a run is over.
 const PURGE_DELAY_MS: std::ffi::c_long = 5_000;
 
 #[derive(Parser)]
