@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use flowline::executor::{Event, Executor, RunFailure};
-use flowline::model::shapes::train::{TrainSettings, Trainer};
+use flowline::model::shapes::train::{Growth, TrainSettings, Trainer};
 use flowline::model::shapes::{ShapesModel, WEIGHTS_FILE};
 use flowline::model::{FlowModel, image_from_tensor};
 use flowline::nodes::RunEnv;
@@ -37,7 +37,7 @@ fn a_few_training_steps_lower_the_loss() {
 fn training_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 3);
-    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, None).unwrap();
+    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
     assert_eq!(resumed.step_count(), 3);
     resumed.train_step(0).unwrap();
     assert_eq!(resumed.step_count(), 4);
@@ -48,8 +48,26 @@ fn training_resumes_where_it_stopped() {
     assert_eq!(config["training"]["command"], "test");
 }
 
+/// The largest difference between the velocities the model saved in `folder` gives before
+/// and after `grow` (which resumes the run there, grows it and saves it again).
+fn change_from_growth(folder: &Path, grow: impl FnOnce() -> Trainer) -> (f32, Trainer) {
+    let x = Tensor::randn(0f32, 1.0, (1, 16, 16, 16), &Device::Cpu).unwrap();
+    let velocity = || {
+        let model = ShapesModel::load(folder, &Device::Cpu).unwrap();
+        let cond = model.encode_prompt("a red star").unwrap();
+        model.velocity(&x, 0.7, &cond).unwrap()
+    };
+    let before = velocity();
+    let grown = grow();
+    grown.save(folder, "test").unwrap();
+    let change = (&velocity() - &before)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .unwrap();
+    (change, grown)
+}
+
 #[test]
-fn a_convolutional_head_added_to_a_run_starts_as_the_identity_and_trains() {
+fn parts_added_to_a_run_start_as_the_identity_and_train() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = TrainSettings::tiny();
     settings.network.conv_head = 0;
@@ -58,38 +76,56 @@ fn a_convolutional_head_added_to_a_run_starts_as_the_identity_and_trains() {
         trainer.train_step(i).unwrap();
     }
     trainer.save(dir.path(), "test").unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, 16, 16, 16), &Device::Cpu).unwrap();
-    let velocity = |folder: &Path| {
-        let model = ShapesModel::load(folder, &Device::Cpu).unwrap();
-        let cond = model.encode_prompt("a red star").unwrap();
-        model.velocity(&x, 0.7, &cond).unwrap()
-    };
-    let before = velocity(dir.path());
+    let resume = |growth: Growth| Trainer::resume(dir.path(), &Device::Cpu, growth);
 
-    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Some(4)).unwrap();
-    assert_eq!(resumed.settings().network.conv_head, 4);
-    resumed.save(dir.path(), "test").unwrap();
-    let after = velocity(dir.path());
-    let change = (&after - &before)
-        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-        .unwrap();
+    let head = Growth {
+        conv_head: Some(4),
+        ..Growth::default()
+    };
+    let (change, mut resumed) = change_from_growth(dir.path(), || resume(head).unwrap());
     assert!(
         change < 1e-5,
         "the added head changed the output by {change}"
     );
-
+    assert_eq!(resumed.settings().network.conv_head, 4);
     assert!(resumed.train_step(0).unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
+
+    let scales = Growth {
+        conv_head_scales: Some(3),
+        ..Growth::default()
+    };
+    let (change, mut resumed) = change_from_growth(dir.path(), || resume(scales).unwrap());
+    assert!(
+        change < 1e-5,
+        "the added scales changed the output by {change}"
+    );
+    assert_eq!(resumed.settings().network.conv_head_scales, 3);
+    let first = resumed.train_step(0).unwrap();
+    assert!(first.is_finite());
+    resumed.save(dir.path(), "test").unwrap();
+
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
     assert_eq!(config["network"]["conv_head"], 4);
-    let again = Trainer::resume(dir.path(), &Device::Cpu, Some(4));
-    let message = format!("{:#}", again.err().unwrap());
-    assert!(
-        message.contains("already has a convolutional head"),
-        "{message}"
-    );
+    assert_eq!(config["network"]["conv_head_scales"], 3);
+    let notes = config["training"]["notes"].to_string();
+    assert!(notes.contains("conv_head 4 (was 0)"), "{notes}");
+    assert!(notes.contains("conv_head_scales 3 (was 1)"), "{notes}");
+    for (growth, expected) in [
+        (head, "already has a convolutional head"),
+        (
+            Growth {
+                conv_head_scales: Some(2),
+                ..Growth::default()
+            },
+            "already works at 3 scales",
+        ),
+    ] {
+        let message = format!("{:#}", resume(growth).err().unwrap());
+        assert!(message.contains(expected), "{message}");
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use flowline::model::shapes::train::{TrainSettings, Trainer};
+use flowline::model::shapes::train::{Growth, TrainSettings, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
@@ -44,6 +44,10 @@ pub struct TrainArgs {
     /// Channels of the convolutional head (on --resume: adds one to a run that has none).
     #[arg(long, value_name = "CHANNELS")]
     conv_head: Option<usize>,
+    /// Resolutions the convolutional head works at, each more at half the side (on --resume:
+    /// adds the coarser ones to a run's head).
+    #[arg(long, value_name = "COUNT", value_parser = clap::value_parser!(u16).range(1..=4))]
+    conv_head_scales: Option<u16>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
@@ -56,7 +60,14 @@ pub fn train(args: TrainArgs) -> ExitCode {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let device = candle_core::Device::Cpu;
     let trainer = if args.resume {
-        Trainer::resume(&args.out, &device, args.conv_head)
+        Trainer::resume(
+            &args.out,
+            &device,
+            Growth {
+                conv_head: args.conv_head,
+                conv_head_scales: args.conv_head_scales.map(usize::from),
+            },
+        )
     } else {
         let mut settings = match args.preset {
             Preset::Default => TrainSettings::default_model(),
@@ -64,6 +75,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
         };
         if let Some(channels) = args.conv_head {
             settings.network.conv_head = channels;
+        }
+        if let Some(scales) = args.conv_head_scales {
+            settings.network.conv_head_scales = usize::from(scales);
         }
         Trainer::new(settings, &device)
     };

@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::autoencoder::PatchAutoencoder;
-use super::network::{Activation, NetworkConfig, Networks};
+use super::network::{Activation, COARSE_SCALE_NAME, NetworkConfig, Networks};
 use super::tokenizer::Tokenizer;
 use super::{AutoencoderConfig, CONFIG_FILE, FORMAT, PreviewConfig, ShapesConfig, WEIGHTS_FILE};
 use crate::dataset::{is_held_out, sample};
@@ -113,6 +113,7 @@ impl TrainSettings {
                 position_features: hidden / 2,
                 activation: Activation::Relu,
                 conv_head,
+                conv_head_scales: 1,
             },
             batch,
             learning_rate: 6e-4,
@@ -173,6 +174,56 @@ fn pictures(seed: u64, count: usize, device: &Device) -> anyhow::Result<Tensor> 
 /// Where the names of a convolutional head's weights start.
 const CONV_HEAD_PREFIX: &str = "velocity.conv_head.";
 
+/// Parts a resumed run adds to its network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Growth {
+    /// A convolutional head of this many channels, for a run that has none.
+    pub conv_head: Option<usize>,
+    /// The resolutions the convolutional head works at, more than it has.
+    pub conv_head_scales: Option<usize>,
+}
+
+impl Growth {
+    /// Changes `network` as asked; returns the prefix of every weight that is new.
+    fn apply(self, network: &mut NetworkConfig) -> anyhow::Result<Option<String>> {
+        let mut added = None;
+        if let Some(channels) = self.conv_head {
+            anyhow::ensure!(
+                network.conv_head == 0,
+                "it already has a convolutional head ({} channels)",
+                network.conv_head
+            );
+            anyhow::ensure!(channels > 0, "a convolutional head needs channels");
+            network.conv_head = channels;
+            added = Some(CONV_HEAD_PREFIX.to_string());
+        }
+        if let Some(scales) = self.conv_head_scales {
+            anyhow::ensure!(
+                network.conv_head > 0,
+                "it has no convolutional head to add scales to"
+            );
+            anyhow::ensure!(
+                scales >= network.conv_head_scales.max(1),
+                "its convolutional head already works at {} scales (asked for {scales})",
+                network.conv_head_scales
+            );
+            anyhow::ensure!(
+                network.latent_size.is_multiple_of(1 << (scales - 1)),
+                "{scales} scales do not divide a latent side of {}",
+                network.latent_size
+            );
+            if scales > network.conv_head_scales && added.is_none() {
+                added = Some(format!(
+                    "{CONV_HEAD_PREFIX}{}",
+                    format!("{COARSE_SCALE_NAME}.").repeat(network.conv_head_scales)
+                ));
+            }
+            network.conv_head_scales = scales;
+        }
+        Ok(added)
+    }
+}
+
 /// The seed the autoencoder is fitted on, apart from the training stream.
 const AUTOENCODER_SEED_OFFSET: u64 = 1_000_003;
 
@@ -205,33 +256,19 @@ impl Trainer {
         Self::assemble(state, autoencoder, None, device)
     }
 
-    /// Continues the run checkpointed in `folder`. With `add_conv_head`, the network gets a
-    /// convolutional head of that many channels first (see [`NetworkConfig::conv_head`]),
-    /// freshly initialised and starting as the identity, noted in the record.
-    pub fn resume(
-        folder: &Path,
-        device: &Device,
-        add_conv_head: Option<usize>,
-    ) -> anyhow::Result<Self> {
+    /// Continues the run checkpointed in `folder`, first adding to its network whatever
+    /// `growth` asks for: freshly initialised, starting as the identity, noted in the record.
+    pub fn resume(folder: &Path, device: &Device, growth: Growth) -> anyhow::Result<Self> {
         let state_path = folder.join(CHECKPOINT_STATE);
         let mut state: CheckpointState = serde_json::from_str(
             &std::fs::read_to_string(&state_path)
                 .with_context(|| format!("cannot read {}", state_path.display()))?,
         )
         .with_context(|| format!("{} is broken", state_path.display()))?;
-        let mut added = None;
-        if let Some(channels) = add_conv_head {
-            let network = &mut state.settings.network;
-            anyhow::ensure!(
-                network.conv_head == 0,
-                "the run in {} already has a convolutional head ({} channels)",
-                folder.display(),
-                network.conv_head
-            );
-            anyhow::ensure!(channels > 0, "a convolutional head needs channels");
-            network.conv_head = channels;
-            added = Some(CONV_HEAD_PREFIX);
-        }
+        let old_network = state.settings.network.clone();
+        let added = growth.apply(&mut state.settings.network).with_context(|| {
+            format!("cannot grow the network of the run in {}", folder.display())
+        })?;
         let tensors_path = folder.join(CHECKPOINT_FILE);
         let tensors = candle_core::safetensors::load(&tensors_path, device)
             .with_context(|| format!("cannot read {}", tensors_path.display()))?;
@@ -247,10 +284,23 @@ impl Trainer {
             scale: state.autoencoder.scale,
             shift: state.autoencoder.shift,
         };
-        let mut trainer = Self::assemble(state, autoencoder, Some((&tensors, added)), device)?;
-        if let Some(channels) = add_conv_head {
-            trainer.note_change("conv_head", 0.0, channels as f64);
-        }
+        let new_network = state.settings.network.clone();
+        let mut trainer = Self::assemble(
+            state,
+            autoencoder,
+            Some((&tensors, added.as_deref())),
+            device,
+        )?;
+        trainer.note_change(
+            "conv_head",
+            old_network.conv_head as f64,
+            new_network.conv_head as f64,
+        );
+        trainer.note_change(
+            "conv_head_scales",
+            old_network.conv_head_scales as f64,
+            new_network.conv_head_scales as f64,
+        );
         Ok(trainer)
     }
 
