@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use flowline::executor::{Event, Executor, RunFailure};
-use flowline::model::shapes::train::{Growth, TrainSettings, Trainer};
+use flowline::model::shapes::train::{CHECKPOINT_FILE, Growth, TrainSettings, Trainer};
 use flowline::model::shapes::{ShapesModel, WEIGHTS_FILE};
 use flowline::model::{FlowModel, image_from_tensor};
 use flowline::nodes::RunEnv;
@@ -39,6 +39,14 @@ fn training_resumes_where_it_stopped() {
     train_tiny(dir.path(), 3);
     let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
     assert_eq!(resumed.step_count(), 3);
+    // The averaged weights come back from the model file; the checkpoint holds no copy.
+    let again = tempfile::tempdir().unwrap();
+    resumed.save(again.path(), "test").unwrap();
+    let read = |p: &Path| std::fs::read(p.join(WEIGHTS_FILE)).unwrap();
+    assert!(read(dir.path()) == read(again.path()));
+    let checkpoint =
+        candle_core::safetensors::load(dir.path().join(CHECKPOINT_FILE), &Device::Cpu).unwrap();
+    assert!(checkpoint.keys().all(|name| !name.starts_with("ema.")));
     resumed.train_step(0).unwrap();
     assert_eq!(resumed.step_count(), 4);
     let config: serde_json::Value =

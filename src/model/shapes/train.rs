@@ -6,7 +6,8 @@
 //! has an unconditional prompt to push away from), samples σ from a logit-normal shifted like
 //! the sampler's schedule (so the high noise levels where the composition is decided are
 //! trained as often as they are sampled), and regresses the velocity `ε − x0`. An EMA of
-//! the weights is what ships. Checkpoints hold the weights, the EMA and the step; Adam's
+//! the weights is what ships. A checkpoint holds the raw weights and the step beside the model
+//! file, whose weights are the EMA (older checkpoints hold a copy of the EMA too); Adam's
 //! moments are not stored by candle's optimiser, so a resumed run re-estimates them, with a
 //! short learning-rate warm-up.
 
@@ -35,6 +36,10 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// The longest caption of the grammar is 12 words; with the start token, 13 tokens.
 const MAX_TOKENS: usize = 13;
 pub const CHECKPOINT_STATE: &str = "checkpoint.json";
+/// Prefix of the optimised weights' names in a checkpoint.
+const RAW_PREFIX: &str = "raw.";
+/// Prefix of the averaged weights' names in a run's tensors once read (see [`Trainer::resume`]).
+const AVERAGED_PREFIX: &str = "ema.";
 /// Latent side and the latent positions per image token along each axis.
 const LATENT_SIZE: usize = 16;
 const PATCH: usize = 2;
@@ -270,8 +275,18 @@ impl Trainer {
             format!("cannot grow the network of the run in {}", folder.display())
         })?;
         let tensors_path = folder.join(CHECKPOINT_FILE);
-        let tensors = candle_core::safetensors::load(&tensors_path, device)
+        let mut tensors = candle_core::safetensors::load(&tensors_path, device)
             .with_context(|| format!("cannot read {}", tensors_path.display()))?;
+        if !tensors.keys().any(|name| name.starts_with(AVERAGED_PREFIX)) {
+            let model_path = folder.join(WEIGHTS_FILE);
+            let averaged = candle_core::safetensors::load(&model_path, device)
+                .with_context(|| format!("cannot read {}", model_path.display()))?;
+            tensors.extend(
+                averaged
+                    .into_iter()
+                    .map(|(name, tensor)| (format!("{AVERAGED_PREFIX}{name}"), tensor)),
+            );
+        }
         let tensor = |name: &str| {
             tensors
                 .get(name)
@@ -333,12 +348,14 @@ impl Trainer {
         {
             if let Some((saved, _)) = checkpoint.filter(|_| !is_added(name)) {
                 let raw = saved
-                    .get(&format!("raw.{name}"))
-                    .with_context(|| format!("the checkpoint has no tensor raw.{name}"))?;
+                    .get(&format!("{RAW_PREFIX}{name}"))
+                    .with_context(|| format!("the checkpoint has no tensor {RAW_PREFIX}{name}"))?;
                 var.set(raw)?;
                 let averaged = saved
-                    .get(&format!("ema.{name}"))
-                    .with_context(|| format!("the checkpoint has no tensor ema.{name}"))?;
+                    .get(&format!("{AVERAGED_PREFIX}{name}"))
+                    .with_context(|| {
+                        format!("neither the checkpoint nor {WEIGHTS_FILE} has the averaged {name}")
+                    })?;
                 ema.insert(name.clone(), averaged.clone());
             } else {
                 ema.insert(name.clone(), var.as_detached_tensor().copy()?);
@@ -514,8 +531,7 @@ impl Trainer {
 
         let mut checkpoint: HashMap<String, Tensor> = autoencoder_tensors.iter().cloned().collect();
         for (name, var) in &vars {
-            checkpoint.insert(format!("raw.{name}"), var.as_detached_tensor());
-            checkpoint.insert(format!("ema.{name}"), self.ema[name].clone());
+            checkpoint.insert(format!("{RAW_PREFIX}{name}"), var.as_detached_tensor());
         }
         save_safetensors(&checkpoint, &folder.join(CHECKPOINT_FILE))?;
         let autoencoder = AutoencoderConfig {
