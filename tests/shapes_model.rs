@@ -264,6 +264,19 @@ fn broken_model_files_are_named() {
     candle_core::safetensors::save(&narrow, &weights).unwrap();
     let err = load_error(dir.path());
     assert!(err.contains("velocity.time_out.weight"), "{err}");
+
+    // A network part this version does not know (from a newer Flowline) is refused, not
+    // skipped: the model would otherwise run without it.
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["network"]["attention_pooling"] = serde_json::json!(true);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("config.json is broken") && err.contains("unknown field `attention_pooling`"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -23,8 +23,10 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Embedding, Init, Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-/// Sizes of both networks.
+/// Sizes of both networks. A field this version does not know is refused rather than skipped:
+/// it is a part of the network that would otherwise be left out without a word.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetworkConfig {
     /// Latent channels and side (latents are `[C, side, side]`).
     pub latent_channels: usize,
