@@ -11,16 +11,19 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::analyse::{Verdict, analyse, judge};
-use crate::dataset::{Attribute, Caption, is_held_out, sample};
+use crate::dataset::{Attribute, CANVAS_SIZE, Caption, Scene, is_held_out, sample};
 use crate::flow::guidance::Guidance;
+use crate::flow::interpolate;
 use crate::flow::noise::gaussian;
 use crate::flow::sampler::{SamplerKind, sample as run_sampler};
 use crate::flow::schedule::Scheduler;
 use crate::graph::value::Guider;
-use crate::model::{Conditioning, FlowModel, image_from_tensor};
+use crate::model::{Conditioning, FlowModel, image_from_tensor, tensor_from_image};
 
 /// The data-set seed evaluation prompts are drawn from (training uses others).
 pub const EVAL_PROMPT_SEED: u64 = 9_001;
@@ -54,6 +57,11 @@ pub struct EvalSettings {
     pub guidance: Guidance,
     /// Images generated together (models that cannot batch prompts generate one at a time).
     pub batch: usize,
+    /// The noise level images start from: 1 is pure noise; below 1 each starts, as a
+    /// source-image start does, from a right picture of its prompt (drawn by the data set's
+    /// renderer from the case's seed) noised to this σ. Which σ a model still keeps the prompted
+    /// shape from tells where it stops being able to draw it from the words alone.
+    pub start_sigma: f64,
 }
 
 /// Correct verdicts among the cases that state an attribute.
@@ -92,11 +100,11 @@ pub fn evaluate(
         .iter()
         .map(|case| model.encode_prompt(&case.caption.text()))
         .collect::<anyhow::Result<_>>()?;
-    let shape = model.latent_shape(64, 64)?;
+    let shape = model.latent_shape(CANVAS_SIZE as usize, CANVAS_SIZE as usize)?;
     let starts: Vec<Tensor> = cases
         .iter()
-        .map(|case| gaussian(case.seed, &shape[..], model.device()))
-        .collect::<candle_core::Result<_>>()?;
+        .map(|case| start(model.as_ref(), case, &shape, settings.start_sigma))
+        .collect::<anyhow::Result<_>>()?;
     let batch = if model.batches_prompts() {
         settings.batch.max(1)
     } else {
@@ -124,7 +132,7 @@ pub fn evaluate(
                     guidance: settings.guidance,
                 };
                 let mut field = |x: &Tensor, sigma: f64| guider.velocity(x, sigma);
-                let sigmas = settings.scheduler.sigmas(steps, 1.0);
+                let sigmas = settings.scheduler.sigmas(steps, settings.start_sigma);
                 let output = run_sampler(sampler, &mut field, &start, &sigmas, &mut |_| {
                     ControlFlow::Continue(())
                 })?;
@@ -147,6 +155,23 @@ pub fn evaluate(
         }
     }
     Ok(rows)
+}
+
+/// Where `case` starts: its seed's noise, mixed at σ = `sigma` < 1 with a right picture.
+fn start(
+    model: &dyn FlowModel,
+    case: &Case,
+    shape: &[usize],
+    sigma: f64,
+) -> anyhow::Result<Tensor> {
+    let noise = gaussian(case.seed, shape, model.device())?;
+    if sigma >= 1.0 {
+        return Ok(noise);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(case.seed);
+    let picture = Scene::sample_for(&case.caption, &mut rng).render();
+    let clean = model.encode_image(&tensor_from_image(&picture)?.to_device(model.device())?)?;
+    Ok(interpolate(&clean, &noise, sigma)?)
 }
 
 fn score(

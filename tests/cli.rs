@@ -213,6 +213,31 @@ fn eval_guides_with_the_variant_and_interval_asked_for() {
 }
 
 #[test]
+fn eval_can_start_from_right_pictures_noised_to_a_given_level() {
+    let (report, stdout) = eval_report(&[
+        "--prompts",
+        "10",
+        "--samplers",
+        "euler",
+        "--steps",
+        "2",
+        "--start-sigma",
+        "0.05",
+    ]);
+    assert_eq!(report["start_sigma"], 0.05);
+    assert!(
+        stdout.contains("starting from right pictures noised to σ = 0.05"),
+        "{stdout}"
+    );
+    // Barely noised, the pictures are the prompts' own, and the model only cleans them up.
+    let adherence = report["rows"][0]["adherence"].as_f64().unwrap();
+    assert!(adherence >= 0.9, "{report}");
+
+    let output = flowline(&["eval", "--start-sigma", "0"]);
+    assert_bad_input(&output, "not a noise level in (0, 1]");
+}
+
+#[test]
 fn bench_times_the_default_workflow_with_the_changes_asked_for() {
     let output = flowline(&[
         "bench",

@@ -44,6 +44,11 @@ pub struct EvalArgs {
     /// Shift of the shifted scheduler.
     #[arg(long, default_value_t = 3.0)]
     shift: f64,
+    /// Start each image from a right picture of its prompt noised to this σ (as a source-image
+    /// start does) instead of from pure noise (1): the share of shapes kept from each σ shows
+    /// where a model stops drawing them from the words alone.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_sigma)]
+    start_sigma: f64,
     /// Images generated at once.
     #[arg(long, default_value_t = 25)]
     batch: usize,
@@ -62,6 +67,15 @@ fn parse_interval(text: &str) -> Result<(f64, f64), String> {
     match bounds[..] {
         [low, high] if (0.0..=high).contains(&low) && high <= 1.0 => Ok((low, high)),
         _ => Err(format!("{text:?} is not LOW,HIGH with 0 ≤ LOW ≤ HIGH ≤ 1")),
+    }
+}
+
+/// A noise level in (0, 1].
+fn parse_sigma(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(sigma) if sigma > 0.0 && sigma <= 1.0 => Ok(sigma),
+        Ok(_) => Err(format!("{text:?} is not a noise level in (0, 1]")),
+        Err(e) => Err(format!("{text:?} is not a number: {e}")),
     }
 }
 
@@ -108,10 +122,19 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             ..Guidance::default()
         },
         batch: args.batch,
+        start_sigma: args.start_sigma,
     };
     let cases = held_out_cases(args.prompts);
+    let start = if args.start_sigma < 1.0 {
+        format!(
+            "starting from right pictures noised to σ = {}",
+            args.start_sigma
+        )
+    } else {
+        "starting from noise".to_string()
+    };
     println!(
-        "{} on {} held-out prompts, guidance {} at scale {} for σ in [{}, {}], shifted scheduler (shift {})",
+        "{} on {} held-out prompts, guidance {} at scale {} for σ in [{}, {}], shifted scheduler (shift {}), {start}",
         model.describe(),
         cases.len(),
         method.name(),
@@ -164,6 +187,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             "guidance": method.name(),
             "guidance_interval": [interval.0, interval.1],
             "shift": args.shift,
+            "start_sigma": args.start_sigma,
             "rows": rows,
         });
         let text = serde_json::to_string_pretty(&report).expect("a report serialises");
