@@ -34,6 +34,32 @@ fn a_few_training_steps_lower_the_loss() {
 }
 
 #[test]
+fn posterior_mean_targets_lower_the_loss_and_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = TrainSettings::tiny();
+    settings.posterior_references = 4;
+    let mut trainer = Trainer::new(settings, &Device::Cpu).unwrap();
+    let losses: Vec<f32> = (0..120).map(|i| trainer.train_step(i).unwrap()).collect();
+    let (first, last) = (mean(&losses[..20]), mean(&losses[100..]));
+    assert!(last < 0.8 * first, "loss went from {first} to {last}");
+    trainer.save(dir.path(), "test").unwrap();
+
+    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
+    assert_eq!(resumed.settings().posterior_references, 4);
+    resumed.set_posterior_references(0);
+    assert!(resumed.train_step(0).unwrap().is_finite());
+    resumed.save(dir.path(), "test").unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    let notes = config["training"]["notes"].to_string();
+    assert!(
+        notes.contains("from step 120: posterior_references 0 (was 4)"),
+        "{notes}"
+    );
+}
+
+#[test]
 fn training_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 3);

@@ -48,6 +48,11 @@ pub struct TrainArgs {
     /// adds the coarser ones to a run's head).
     #[arg(long, value_name = "COUNT", value_parser = clap::value_parser!(u16).range(1..=4))]
     conv_head_scales: Option<u16>,
+    /// Further pictures of each caption drawn every step, whose posterior mean (with the batch's
+    /// own picture) is the regression target; 0: the batch's picture alone (on --resume: changes
+    /// it from now on).
+    #[arg(long, value_name = "COUNT")]
+    posterior_references: Option<usize>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
@@ -90,6 +95,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
     }
     if let Some(rate) = args.learning_rate {
         trainer.set_learning_rate(rate);
+    }
+    if let Some(count) = args.posterior_references {
+        trainer.set_posterior_references(count);
     }
     match run(&mut trainer, &args, &command) {
         Ok(()) => {

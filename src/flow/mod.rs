@@ -8,10 +8,12 @@
 //!
 //! The pieces are independent of any network: [`schedule`] makes the σ ladder, [`noise`] makes
 //! the portable start noise, [`guidance`] combines conditional and unconditional predictions,
-//! and [`sampler`] integrates a [`sampler::VelocityField`] while reporting every step.
+//! [`sampler`] integrates a [`sampler::VelocityField`] while reporting every step, and
+//! [`posterior`] gives the exact clean estimate when the data are a finite set of pictures.
 
 pub mod guidance;
 pub mod noise;
+pub mod posterior;
 pub mod sampler;
 pub mod schedule;
 

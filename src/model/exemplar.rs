@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use candle_core::{D, Device, Tensor};
+use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::SeedableRng;
 
@@ -20,6 +20,7 @@ use super::{
     Conditioning, Family, FlowModel, LatentPreview, LoadRequest, require_size, tensor_from_image,
 };
 use crate::dataset::{Caption, Scene};
+use crate::flow::posterior;
 use crate::nodes::InputError;
 
 pub const FAMILY: Family = Family {
@@ -127,17 +128,12 @@ impl FlowModel for ExemplarModel {
 
     fn velocity(&self, x: &Tensor, sigma: f64, cond: &Conditioning) -> anyhow::Result<Tensor> {
         let sigma = sigma.max(MIN_SIGMA);
-        let alpha = 1.0 - sigma;
-        let exemplars = &cond.context;
-        let flat = x.flatten_all()?.unsqueeze(0)?;
-        // −‖x − α·e_k‖²/2σ², dropping ‖x‖² which is the same for every k.
-        let cross = flat
-            .matmul(&exemplars.t()?)?
-            .affine(alpha / (sigma * sigma), 0.0)?;
-        let norms = exemplars.sqr()?.sum(D::Minus1)?.unsqueeze(0)?;
-        let logits = (cross - norms.affine(alpha * alpha / (2.0 * sigma * sigma), 0.0)?)?;
-        let weights = candle_nn::ops::softmax(&logits, D::Minus1)?;
-        let clean = weights.matmul(exemplars)?.reshape(x.shape())?;
+        let clean = posterior::clean_estimate(
+            &x.flatten_all()?.unsqueeze(0)?,
+            &Tensor::new(&[sigma as f32], &self.device)?,
+            &cond.context.unsqueeze(0)?,
+        )?
+        .reshape(x.shape())?;
         Ok(((x - clean)? / sigma)?)
     }
 

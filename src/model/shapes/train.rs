@@ -2,14 +2,16 @@
 //!
 //! Each step draws a fresh batch (`dataset::sample(data_seed, index)` for consecutive indices,
 //! so a resumed run sees exactly the data it would have seen, skipping the held-out prompts
-//! that evaluation uses), drops 10% of captions (so CFG
-//! has an unconditional prompt to push away from), samples σ from a logit-normal shifted like
-//! the sampler's schedule (so the high noise levels where the composition is decided are
-//! trained as often as they are sampled), and regresses the velocity `ε − x0`. An EMA of
-//! the weights is what ships. A checkpoint holds the raw weights and the step beside the model
-//! file, whose weights are the EMA (older checkpoints hold a copy of the EMA too); Adam's
-//! moments are not stored by candle's optimiser, so a resumed run re-estimates them, with a
-//! short learning-rate warm-up.
+//! that evaluation uses), drops 10% of captions (so CFG has an unconditional prompt to push
+//! away from), samples σ from a logit-normal shifted like the sampler's schedule (so the high
+//! noise levels where the composition is decided are trained as often as they are sampled),
+//! and regresses the velocity `ε − x0`. With `posterior_references` it regresses instead the
+//! velocity towards the posterior mean over the batch's picture and further pictures of its
+//! caption: the same optimum, but at high noise the target says what the caption looks like on
+//! average rather than what one picture of it happened to be. An EMA of the weights is what
+//! ships. A checkpoint holds the raw weights and the step beside the model file, whose weights
+//! are the EMA (older checkpoints hold a copy of the EMA too); Adam's moments are not stored by
+//! candle's optimiser, so a resumed run re-estimates them, with a short learning-rate warm-up.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -26,9 +28,10 @@ use super::autoencoder::PatchAutoencoder;
 use super::network::{Activation, COARSE_SCALE_NAME, NetworkConfig, Networks};
 use super::tokenizer::Tokenizer;
 use super::{AutoencoderConfig, CONFIG_FILE, FORMAT, PreviewConfig, ShapesConfig, WEIGHTS_FILE};
-use crate::dataset::{is_held_out, sample};
+use crate::dataset::{Caption, Scene, is_held_out, sample};
 use crate::files::{write_atomic, write_atomic_with};
 use crate::flow::noise::{gaussian, gaussian_values};
+use crate::flow::posterior;
 use crate::flow::schedule::Scheduler;
 use crate::model::{LatentPreview, tensor_from_image};
 
@@ -43,6 +46,10 @@ const AVERAGED_PREFIX: &str = "ema.";
 /// Latent side and the latent positions per image token along each axis.
 const LATENT_SIZE: usize = 16;
 const PATCH: usize = 2;
+/// Stream of the pictures drawn for posterior targets, apart from noise and dropout.
+const REFERENCE_STREAM: u64 = 0x5245_4645;
+/// Smallest σ a posterior target is worked out at (σ = 0 has no posterior).
+const MIN_POSTERIOR_SIGMA: f64 = 1e-4;
 
 /// Everything that decides the weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +74,13 @@ pub struct TrainSettings {
     /// logit-normal almost never draws σ < 0.2, where edges are finished.
     #[serde(default)]
     pub uniform_sigma_share: f64,
+    /// Further pictures of each caption drawn every step, so the regression target is the
+    /// posterior mean over them and the batch's own picture (see [`crate::flow::posterior`])
+    /// instead of that one picture's velocity: the same optimum, with far less variance at high
+    /// noise, where one picture says little about what a caption looks like on average. 0 (older
+    /// runs): one picture.
+    #[serde(default)]
+    pub posterior_references: usize,
 }
 
 fn no_shift() -> f64 {
@@ -130,6 +144,7 @@ impl TrainSettings {
             autoencoder_images: 512,
             sigma_shift: 3.0,
             uniform_sigma_share: 0.1,
+            posterior_references: 0,
         }
     }
 }
@@ -408,6 +423,13 @@ impl Trainer {
         self.note_change("sigma_shift", old, shift);
     }
 
+    /// Changes the posterior references of a resumed run from now on, noting the change in the
+    /// record.
+    pub fn set_posterior_references(&mut self, count: usize) {
+        let old = std::mem::replace(&mut self.settings.posterior_references, count);
+        self.note_change("posterior_references", old as f64, count as f64);
+    }
+
     /// Changes the learning rate of a resumed run from now on, noting the change in the record.
     pub fn set_learning_rate(&mut self, rate: f64) {
         let old = std::mem::replace(&mut self.settings.learning_rate, rate);
@@ -439,16 +461,16 @@ impl Trainer {
             }
             images.push(tensor_from_image(&drawn.image)?);
             let dropped = rng.random::<f64>() < settings.caption_dropout;
-            captions.push(if dropped {
-                String::new()
-            } else {
-                drawn.caption.text()
-            });
+            captions.push((!dropped).then_some(drawn.caption));
         }
         let clean = self
             .autoencoder
             .encode(&Tensor::stack(&images, 0)?.to_device(&self.device)?)?;
-        let ids = self.tokenizer.batch(&captions, &self.device)?;
+        let texts: Vec<String> = captions
+            .iter()
+            .map(|c| c.as_ref().map(Caption::text).unwrap_or_default())
+            .collect();
+        let ids = self.tokenizer.batch(&texts, &self.device)?;
         let noise_seed = rng.random::<u64>();
         let noise = gaussian(noise_seed, clean.shape(), &self.device)?;
         // Logit-normal σ (the sigmoid of a standard normal), shifted; a share uniform.
@@ -471,7 +493,13 @@ impl Trainer {
         let sigma_4d = sigma.reshape((batch, 1, 1, 1))?;
         let noisy =
             (noise.broadcast_mul(&sigma_4d)? + clean.broadcast_mul(&(1.0 - &sigma_4d)?)?)?;
-        let target = (&noise - &clean)?;
+        let target = match settings.posterior_references {
+            0 => (&noise - &clean)?,
+            count => {
+                let references = self.references(&captions, count)?;
+                posterior_target(&noise, &clean, &noisy, &sigma, &references)?
+            }
+        };
 
         let warmup = (steps_since_start + 1) as f64 / settings.warmup_steps.max(1) as f64;
         self.optimizer
@@ -499,6 +527,35 @@ impl Trainer {
         self.seconds += started.elapsed().as_secs_f64();
         let loss = loss.to_scalar::<f32>()?;
         Ok(loss)
+    }
+
+    /// `[B, count, N]` latents of further pictures of each caption (of random captions where
+    /// the caption was dropped), drawn from the step's own stream so a resumed run draws the
+    /// same ones.
+    fn references(&self, captions: &[Option<Caption>], count: usize) -> anyhow::Result<Tensor> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.settings.seed ^ REFERENCE_STREAM);
+        rng.set_stream(self.step as u64);
+        let mut pictures = Vec::with_capacity(captions.len() * count);
+        for caption in captions {
+            for _ in 0..count {
+                let caption = match caption {
+                    Some(caption) => *caption,
+                    None => loop {
+                        let drawn = Caption::sample(&mut rng);
+                        if !is_held_out(&drawn) {
+                            break drawn;
+                        }
+                    },
+                };
+                pictures.push(tensor_from_image(
+                    &Scene::sample_for(&caption, &mut rng).render(),
+                )?);
+            }
+        }
+        let latents = self
+            .autoencoder
+            .encode(&Tensor::stack(&pictures, 0)?.to_device(&self.device)?)?;
+        Ok(latents.reshape((captions.len(), count, ()))?)
     }
 
     /// Records a block's mean loss in the history kept with the checkpoint.
@@ -631,8 +688,67 @@ fn redraw_initial_weights(
 }
 
 /// Writes safetensors atomically.
+/// The velocity target whose clean picture is the posterior mean over each item's own picture
+/// `clean` and its `references` (`[B, K, N]`), written as the usual `ε − x0` plus the
+/// correction `(x0 − x̂0)/σ`, which vanishes where the own picture takes all the weight.
+fn posterior_target(
+    noise: &Tensor,
+    clean: &Tensor,
+    noisy: &Tensor,
+    sigma: &Tensor,
+    references: &Tensor,
+) -> anyhow::Result<Tensor> {
+    let sigma = sigma.clamp(MIN_POSTERIOR_SIGMA, 1.0)?;
+    let flat = |t: &Tensor| t.flatten_from(1);
+    let candidates = Tensor::cat(&[&flat(clean)?.unsqueeze(1)?, references], 1)?;
+    let estimate = posterior::clean_estimate(&flat(noisy)?, &sigma, &candidates)?;
+    let correction = (flat(clean)? - estimate)?.broadcast_div(&sigma.unsqueeze(1)?)?;
+    Ok(((noise - clean)? + correction.reshape(clean.shape())?)?)
+}
+
 fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
     write_atomic_with(path, |temporary| {
         Ok(candle_core::safetensors::save(tensors, temporary)?)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    #[test]
+    fn the_posterior_target_is_the_mean_at_full_noise_and_the_own_velocity_near_data() {
+        let device = Device::Cpu;
+        let shape = (2, 3, 4, 4);
+        let clean = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+        let noise = Tensor::randn(0f32, 1.0, shape, &device).unwrap();
+        let references = Tensor::randn(0f32, 1.0, (2, 5, 48), &device).unwrap();
+        let target_at = |sigma: f32| {
+            let sigmas = Tensor::new(&[sigma, sigma], &device).unwrap();
+            let noisy =
+                ((&noise * sigma as f64).unwrap() + (&clean * (1.0 - sigma as f64))).unwrap();
+            posterior_target(&noise, &clean, &noisy, &sigmas, &references).unwrap()
+        };
+
+        let all = Tensor::cat(
+            &[
+                &clean.flatten_from(1).unwrap().unsqueeze(1).unwrap(),
+                &references,
+            ],
+            1,
+        )
+        .unwrap();
+        let mean = all.mean(1).unwrap().reshape(shape).unwrap();
+        let at_full_noise = (&noise - &mean).unwrap();
+        assert!(max_difference(&target_at(1.0), &at_full_noise) < 1e-5);
+
+        let own = (&noise - &clean).unwrap();
+        assert!(max_difference(&target_at(0.01), &own) < 1e-4);
+    }
 }
