@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use flowline::executor::{Event, Executor, RunFailure};
-use flowline::model::shapes::train::{CHECKPOINT_FILE, Growth, TrainSettings, Trainer};
+use flowline::model::shapes::train::{
+    CHECKPOINT_FILE, Growth, TimeSampling, TrainSettings, Trainer,
+};
 use flowline::model::shapes::{ShapesModel, WEIGHTS_FILE};
 use flowline::model::{FlowModel, image_from_tensor};
 use flowline::nodes::RunEnv;
@@ -34,7 +36,7 @@ fn a_few_training_steps_lower_the_loss() {
 }
 
 #[test]
-fn posterior_mean_targets_lower_the_loss_and_are_recorded() {
+fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = TrainSettings::tiny();
     settings.posterior_references = 4;
@@ -47,16 +49,19 @@ fn posterior_mean_targets_lower_the_loss_and_are_recorded() {
     let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
     assert_eq!(resumed.settings().posterior_references, 4);
     resumed.set_posterior_references(0);
+    resumed.set_time_sampling(TimeSampling::Uniform);
     assert!(resumed.train_step(0).unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
     let notes = config["training"]["notes"].to_string();
-    assert!(
-        notes.contains("from step 120: posterior_references 0 (was 4)"),
-        "{notes}"
-    );
+    for change in [
+        "from step 120: posterior_references 0 (was 4)",
+        "from step 120: time_sampling uniform (was logit_normal)",
+    ] {
+        assert!(notes.contains(change), "{notes}");
+    }
 }
 
 #[test]

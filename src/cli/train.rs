@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use flowline::model::shapes::train::{Growth, TrainSettings, Trainer};
+use flowline::model::shapes::train::{Growth, TimeSampling, TrainSettings, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
@@ -17,6 +17,24 @@ enum Preset {
     Default,
     /// A very small network that trains in seconds (tests, CI).
     Tiny,
+}
+
+/// How training draws the time the σ shift warps (see [`TimeSampling`]).
+#[derive(Clone, Copy, ValueEnum)]
+enum TimeSamplingArg {
+    /// The sigmoid of a standard normal (SD3's logit-normal): most draws mid-path.
+    LogitNormal,
+    /// Uniform, as a sampler with evenly spaced steps visits it.
+    Uniform,
+}
+
+impl From<TimeSamplingArg> for TimeSampling {
+    fn from(arg: TimeSamplingArg) -> Self {
+        match arg {
+            TimeSamplingArg::LogitNormal => TimeSampling::LogitNormal,
+            TimeSamplingArg::Uniform => TimeSampling::Uniform,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -38,6 +56,9 @@ pub struct TrainArgs {
     /// Shift of the training σ distribution (on --resume: changes it from now on).
     #[arg(long)]
     sigma_shift: Option<f64>,
+    /// How the time that the σ shift warps is drawn (on --resume: changes it from now on).
+    #[arg(long, value_enum)]
+    time_sampling: Option<TimeSamplingArg>,
     /// Adam's learning rate (on --resume: changes it from now on).
     #[arg(long)]
     learning_rate: Option<f64>,
@@ -95,6 +116,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
     }
     if let Some(rate) = args.learning_rate {
         trainer.set_learning_rate(rate);
+    }
+    if let Some(sampling) = args.time_sampling {
+        trainer.set_time_sampling(sampling.into());
     }
     if let Some(count) = args.posterior_references {
         trainer.set_posterior_references(count);
