@@ -3,15 +3,16 @@
 //! Each step draws a fresh batch (`dataset::sample(data_seed, index)` for consecutive indices,
 //! so a resumed run sees exactly the data it would have seen, skipping the held-out prompts
 //! that evaluation uses), drops 10% of captions (so CFG has an unconditional prompt to push
-//! away from), samples σ from a logit-normal shifted like the sampler's schedule (so the high
-//! noise levels where the composition is decided are trained as often as they are sampled),
-//! and regresses the velocity `ε − x0`. With `posterior_references` it regresses instead the
-//! velocity towards the posterior mean over the batch's picture and further pictures of its
-//! caption: the same optimum, but at high noise the target says what the caption looks like on
-//! average rather than what one picture of it happened to be. An EMA of the weights is what
-//! ships. A checkpoint holds the raw weights and the step beside the model file, whose weights
-//! are the EMA (older checkpoints hold a copy of the EMA too); Adam's moments are not stored by
-//! candle's optimiser, so a resumed run re-estimates them, with a short learning-rate warm-up.
+//! away from), draws a time (logit-normal, or uniform as evenly spaced sampling steps visit it)
+//! and shifts it into σ like the sampler's schedule (so the high noise levels where the
+//! composition is decided are trained often), and regresses the velocity `ε − x0`. With
+//! `posterior_references` it regresses instead the velocity towards the posterior mean over the
+//! batch's picture and further pictures of its caption: the same optimum, but at high noise the
+//! target says what the caption looks like on average rather than what one picture of it
+//! happened to be. An EMA of the weights is what ships. A checkpoint holds the raw weights and
+//! the step beside the model file, whose weights are the EMA (older checkpoints hold a copy of
+//! the EMA too); Adam's moments are not stored by candle's optimiser, so a resumed run re-
+//! estimates them, with a short learning-rate warm-up.
 
 use std::collections::HashMap;
 use std::path::Path;
