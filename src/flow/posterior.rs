@@ -10,17 +10,21 @@ use candle_core::{D, DType, Result, Tensor};
 
 /// Posterior weights `[B, K]` of candidates `[B, K, N]` for noisy points `x` (`[B, N]`) at
 /// noise levels `sigma` (`[B]`, each in (0, 1]).
+///
+/// The exponent is expanded as `(α·x·c_k − α²‖c_k‖²/2)/σ²` with α = 1 − σ, dropping `‖x‖²`,
+/// which is the same for every candidate: one matrix product instead of a `[B, K, N]`
+/// difference, which matters where the exemplar model calls it at every sampling step.
 pub fn weights(x: &Tensor, sigma: &Tensor, candidates: &Tensor) -> Result<Tensor> {
     let sigma = sigma.to_dtype(DType::F32)?.unsqueeze(1)?;
-    let alpha = (1.0 - &sigma)?.unsqueeze(2)?;
-    let squared_distance = x
+    let alpha = (1.0 - &sigma)?;
+    let variance = sigma.sqr()?;
+    let cross = x
         .unsqueeze(1)?
-        .broadcast_sub(&candidates.broadcast_mul(&alpha)?)?
-        .sqr()?
-        .sum(D::Minus1)?;
-    let logits = squared_distance
-        .broadcast_div(&(sigma.sqr()? * 2.0)?)?
-        .neg()?;
+        .matmul(&candidates.transpose(1, 2)?)?
+        .squeeze(1)?;
+    let norms = candidates.sqr()?.sum(D::Minus1)?;
+    let logits = (cross.broadcast_mul(&alpha)? - norms.broadcast_mul(&(alpha.sqr()? * 0.5)?)?)?
+        .broadcast_div(&variance)?;
     candle_nn::ops::softmax(&logits, D::Minus1)
 }
 

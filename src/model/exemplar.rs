@@ -20,7 +20,7 @@ use super::{
     Conditioning, Family, FlowModel, LatentPreview, LoadRequest, require_size, tensor_from_image,
 };
 use crate::dataset::{Caption, Scene};
-use crate::flow::posterior;
+use crate::flow::{posterior, velocity_from_clean};
 use crate::nodes::InputError;
 
 pub const FAMILY: Family = Family {
@@ -134,7 +134,7 @@ impl FlowModel for ExemplarModel {
             &cond.context.unsqueeze(0)?,
         )?
         .reshape(x.shape())?;
-        Ok(((x - clean)? / sigma)?)
+        Ok(velocity_from_clean(x, &clean, sigma)?)
     }
 
     fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor> {

@@ -11,8 +11,8 @@
 //! target says what the caption looks like on average rather than what one picture of it
 //! happened to be. An EMA of the weights is what ships. A checkpoint holds the raw weights and
 //! the step beside the model file, whose weights are the EMA (older checkpoints hold a copy of
-//! the EMA too); Adam's moments are not stored by candle's optimiser, so a resumed run re-
-//! estimates them, with a short learning-rate warm-up.
+//! the EMA too); Adam's moments are not stored by candle's optimiser, so a resumed run
+//! re-estimates them, with a short learning-rate warm-up.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -701,7 +701,6 @@ fn redraw_initial_weights(
     Ok(())
 }
 
-/// Writes safetensors atomically.
 /// `count` training noise levels: a time drawn as `settings` say, warped by their σ shift, and
 /// a share of σ drawn uniformly instead.
 fn draw_sigmas(
@@ -741,13 +740,14 @@ fn posterior_target(
     references: &Tensor,
 ) -> anyhow::Result<Tensor> {
     let sigma = sigma.clamp(MIN_POSTERIOR_SIGMA, 1.0)?;
-    let flat = |t: &Tensor| t.flatten_from(1);
-    let candidates = Tensor::cat(&[&flat(clean)?.unsqueeze(1)?, references], 1)?;
-    let estimate = posterior::clean_estimate(&flat(noisy)?, &sigma, &candidates)?;
-    let correction = (flat(clean)? - estimate)?.broadcast_div(&sigma.unsqueeze(1)?)?;
+    let own = clean.flatten_from(1)?;
+    let candidates = Tensor::cat(&[&own.unsqueeze(1)?, references], 1)?;
+    let estimate = posterior::clean_estimate(&noisy.flatten_from(1)?, &sigma, &candidates)?;
+    let correction = (own - estimate)?.broadcast_div(&sigma.unsqueeze(1)?)?;
     Ok(((noise - clean)? + correction.reshape(clean.shape())?)?)
 }
 
+/// Writes safetensors atomically.
 fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
     write_atomic_with(path, |temporary| {
         Ok(candle_core::safetensors::save(tensors, temporary)?)
