@@ -144,14 +144,31 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
     assert!(first.is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
+    let depth = resumed.settings().network.depth;
+    let deeper = Growth {
+        depth: Some(depth + 2),
+        ..Growth::default()
+    };
+    let (change, mut resumed) = change_from_growth(dir.path(), || resume(deeper).unwrap());
+    assert!(
+        change < 1e-5,
+        "the added blocks changed the output by {change}"
+    );
+    assert_eq!(resumed.settings().network.depth, depth + 2);
+    assert!(resumed.train_step(0).unwrap().is_finite());
+    resumed.save(dir.path(), "test").unwrap();
+
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
             .unwrap();
     assert_eq!(config["network"]["conv_head"], 4);
     assert_eq!(config["network"]["conv_head_scales"], 3);
+    assert_eq!(config["network"]["depth"], depth + 2);
     let notes = config["training"]["notes"].to_string();
     assert!(notes.contains("conv_head 4 (was 0)"), "{notes}");
     assert!(notes.contains("conv_head_scales 3 (was 1)"), "{notes}");
+    let depth_note = format!("depth {} (was {depth})", depth + 2);
+    assert!(notes.contains(&depth_note), "{notes}");
     for (growth, expected) in [
         (head, "already has a convolutional head"),
         (
@@ -160,6 +177,13 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
                 ..Growth::default()
             },
             "already works at 3 scales",
+        ),
+        (
+            Growth {
+                depth: Some(depth),
+                ..Growth::default()
+            },
+            "DiT already has",
         ),
     ] {
         let message = format!("{:#}", resume(growth).err().unwrap());

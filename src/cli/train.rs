@@ -69,6 +69,9 @@ pub struct TrainArgs {
     /// adds the coarser ones to a run's head).
     #[arg(long, value_name = "COUNT", value_parser = clap::value_parser!(u16).range(1..=4))]
     conv_head_scales: Option<u16>,
+    /// DiT blocks in all (on --resume: appends new ones, which start as the identity).
+    #[arg(long, value_name = "BLOCKS")]
+    depth: Option<usize>,
     /// Further pictures of each caption drawn every step, whose posterior mean (with the batch's
     /// own picture) is the regression target; 0: the batch's picture alone (on --resume: changes
     /// it from now on).
@@ -92,6 +95,7 @@ pub fn train(args: TrainArgs) -> ExitCode {
             Growth {
                 conv_head: args.conv_head,
                 conv_head_scales: args.conv_head_scales.map(usize::from),
+                depth: args.depth,
             },
         )
     } else {
@@ -104,6 +108,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
         }
         if let Some(scales) = args.conv_head_scales {
             settings.network.conv_head_scales = usize::from(scales);
+        }
+        if let Some(depth) = args.depth {
+            settings.network.depth = depth;
         }
         Trainer::new(settings, &device)
     };

@@ -220,6 +220,8 @@ fn pictures(seed: u64, count: usize, device: &Device) -> anyhow::Result<Tensor> 
 
 /// Where the names of a convolutional head's weights start.
 const CONV_HEAD_PREFIX: &str = "velocity.conv_head.";
+/// Where the names of the DiT blocks' weights start (then the block's index).
+const BLOCK_PREFIX: &str = "velocity.blocks.";
 
 /// Parts a resumed run adds to its network.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -228,12 +230,15 @@ pub struct Growth {
     pub conv_head: Option<usize>,
     /// The resolutions the convolutional head works at, more than it has.
     pub conv_head_scales: Option<usize>,
+    /// DiT blocks in all, more than it has: the new ones go after the last, where, with their
+    /// adaLN-Zero gates at zero, they pass the tokens on unchanged until they learn.
+    pub depth: Option<usize>,
 }
 
 impl Growth {
-    /// Changes `network` as asked; returns the prefix of every weight that is new.
-    fn apply(self, network: &mut NetworkConfig) -> anyhow::Result<Option<String>> {
-        let mut added = None;
+    /// Changes `network` as asked; returns the prefixes of the new weights' names.
+    fn apply(self, network: &mut NetworkConfig) -> anyhow::Result<Vec<String>> {
+        let mut added = Vec::new();
         if let Some(channels) = self.conv_head {
             anyhow::ensure!(
                 network.conv_head == 0,
@@ -242,7 +247,7 @@ impl Growth {
             );
             anyhow::ensure!(channels > 0, "a convolutional head needs channels");
             network.conv_head = channels;
-            added = Some(CONV_HEAD_PREFIX.to_string());
+            added.push(CONV_HEAD_PREFIX.to_string());
         }
         if let Some(scales) = self.conv_head_scales {
             anyhow::ensure!(
@@ -259,13 +264,22 @@ impl Growth {
                 "{scales} scales do not divide a latent side of {}",
                 network.latent_size
             );
-            if scales > network.conv_head_scales && added.is_none() {
-                added = Some(format!(
+            if scales > network.conv_head_scales && added.is_empty() {
+                added.push(format!(
                     "{CONV_HEAD_PREFIX}{}",
                     format!("{COARSE_SCALE_NAME}.").repeat(network.conv_head_scales)
                 ));
             }
             network.conv_head_scales = scales;
+        }
+        if let Some(depth) = self.depth {
+            anyhow::ensure!(
+                depth >= network.depth,
+                "its DiT already has {} blocks (asked for {depth})",
+                network.depth
+            );
+            added.extend((network.depth..depth).map(|block| format!("{BLOCK_PREFIX}{block}.")));
+            network.depth = depth;
         }
         Ok(added)
     }
@@ -342,28 +356,24 @@ impl Trainer {
             shift: state.autoencoder.shift,
         };
         let new_network = state.settings.network.clone();
-        let mut trainer = Self::assemble(
-            state,
-            autoencoder,
-            Some((&tensors, added.as_deref())),
-            device,
-        )?;
+        let mut trainer = Self::assemble(state, autoencoder, Some((&tensors, &added)), device)?;
         trainer.note_change("conv_head", old_network.conv_head, new_network.conv_head);
         trainer.note_change(
             "conv_head_scales",
             old_network.conv_head_scales,
             new_network.conv_head_scales,
         );
+        trainer.note_change("depth", old_network.depth, new_network.depth);
         Ok(trainer)
     }
 
     /// Builds the trainer's networks: from a checkpoint's raw and averaged weights, where one
-    /// is given (with the prefix of any part added since, which is initialised fresh), or
+    /// is given (with the prefixes of the parts added since, which are initialised fresh), or
     /// freshly initialised.
     fn assemble(
         state: CheckpointState,
         autoencoder: PatchAutoencoder,
-        checkpoint: Option<(&HashMap<String, Tensor>, Option<&str>)>,
+        checkpoint: Option<(&HashMap<String, Tensor>, &[String])>,
         device: &Device,
     ) -> anyhow::Result<Self> {
         let settings = state.settings;
@@ -374,7 +384,7 @@ impl Trainer {
         )?;
         let is_added = |name: &str| match checkpoint {
             None => true,
-            Some((_, added)) => added.is_some_and(|prefix| name.starts_with(prefix)),
+            Some((_, added)) => added.iter().any(|prefix| name.starts_with(prefix.as_str())),
         };
         redraw_initial_weights(&varmap, settings.seed, device, is_added)?;
         let mut ema = HashMap::new();
