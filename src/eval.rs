@@ -22,7 +22,7 @@ use crate::flow::interpolate;
 use crate::flow::noise::gaussian;
 use crate::flow::sampler::{SamplerKind, sample as run_sampler};
 use crate::flow::schedule::Scheduler;
-use crate::graph::value::Guider;
+use crate::graph::value::{Autoguide, Guider};
 use crate::model::{Conditioning, FlowModel, image_from_tensor, tensor_from_image};
 
 /// The data-set seed evaluation prompts are drawn from (training uses others).
@@ -88,18 +88,29 @@ pub struct Row {
     pub seconds: f64,
 }
 
+/// A weaker version of the evaluated model to autoguide it with, and the autoguidance scale.
+pub struct WeakGuide {
+    pub model: Arc<dyn FlowModel>,
+    pub scale: f64,
+}
+
 /// Generates and judges every case for every sampler and step count.
 pub fn evaluate(
     model: &Arc<dyn FlowModel>,
+    weak: Option<&WeakGuide>,
     cases: &[Case],
     settings: &EvalSettings,
     on_row: &mut dyn FnMut(&Row),
 ) -> anyhow::Result<Vec<Row>> {
     let negative = Arc::new(model.encode_prompt("")?);
-    let positives: Vec<Conditioning> = cases
-        .iter()
-        .map(|case| model.encode_prompt(&case.caption.text()))
-        .collect::<anyhow::Result<_>>()?;
+    let encode_all = |model: &Arc<dyn FlowModel>| {
+        cases
+            .iter()
+            .map(|case| model.encode_prompt(&case.caption.text()))
+            .collect::<anyhow::Result<Vec<Conditioning>>>()
+    };
+    let positives = encode_all(model)?;
+    let weak_positives = weak.map(|weak| encode_all(&weak.model)).transpose()?;
     let shape = model.latent_shape(CANVAS_SIZE as usize, CANVAS_SIZE as usize)?;
     let starts: Vec<Tensor> = cases
         .iter()
@@ -117,19 +128,32 @@ pub fn evaluate(
             let mut images = Vec::with_capacity(cases.len());
             let mut straightness = 0.0;
             for chunk in (0..cases.len()).collect::<Vec<_>>().chunks(batch) {
-                let (positive, start) = if chunk.len() == 1 {
-                    (positives[chunk[0]].clone(), starts[chunk[0]].clone())
-                } else {
-                    let list: Vec<Conditioning> =
-                        chunk.iter().map(|&i| positives[i].clone()).collect();
-                    let start: Vec<&Tensor> = chunk.iter().map(|&i| &starts[i]).collect();
-                    (model.batch_conditioning(&list)?, Tensor::cat(&start, 0)?)
+                let gather = |model: &Arc<dyn FlowModel>, all: &[Conditioning]| {
+                    anyhow::Ok(Arc::new(match chunk {
+                        [single] => all[*single].clone(),
+                        _ => {
+                            let list: Vec<Conditioning> =
+                                chunk.iter().map(|&i| all[i].clone()).collect();
+                            model.batch_conditioning(&list)?
+                        }
+                    }))
+                };
+                let start: Vec<&Tensor> = chunk.iter().map(|&i| &starts[i]).collect();
+                let start = Tensor::cat(&start, 0)?;
+                let autoguide = match (weak, &weak_positives) {
+                    (Some(weak), Some(all)) => Some(Autoguide {
+                        model: weak.model.clone(),
+                        positive: gather(&weak.model, all)?,
+                        scale: weak.scale,
+                    }),
+                    _ => None,
                 };
                 let guider = Guider {
                     model: model.clone(),
-                    positive: Arc::new(positive),
+                    positive: gather(model, &positives)?,
                     negative: Some(negative.clone()),
                     guidance: settings.guidance,
+                    autoguide,
                 };
                 let mut field = |x: &Tensor, sigma: f64| guider.velocity(x, sigma);
                 let sigmas = settings.scheduler.sigmas(steps, settings.start_sigma);

@@ -7,11 +7,12 @@ use flowline::graph::ParamValue;
 use flowline::nodes::RunEnv;
 use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
-/// The default workflow on the weightless exemplar model: these tests are about the
-/// executor, not about any trained model.
+/// The default workflow on the weightless exemplar model, without the autoguidance meant for
+/// the shapes model: these tests are about the executor, not about any trained model.
 fn default_workflow() -> Workflow {
     let mut workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default").unwrap();
     workflow.apply_assignment("model.family=exemplar").unwrap();
+    workflow.apply_assignment("cfg.autoguide_scale=1").unwrap();
     workflow
 }
 
@@ -83,7 +84,7 @@ fn changing_only_the_seed_serves_loader_and_prompts_from_cache() {
     );
     assert_eq!(
         nodes_where(&events, cached),
-        ["cfg", "model", "negative", "prompt"]
+        ["cfg", "guide", "model", "negative", "prompt"]
     );
     assert_eq!(
         nodes_where(&events, started),
@@ -192,6 +193,26 @@ fn queued_runs_execute_in_order_and_a_queued_run_can_be_cancelled() {
     assert_eq!(ends, [(b, false), (a, true), (c, true)]);
 }
 
+/// The message of the run's failure, which must be bad input to `node`.
+fn failed_node_message(events: &[Event], node: &str) -> String {
+    match events.last() {
+        Some(Event::RunFailed {
+            failure:
+                RunFailure::Node {
+                    node: failed,
+                    message,
+                    bad_input,
+                },
+            ..
+        }) => {
+            assert_eq!(failed, node);
+            assert!(*bad_input, "{message}");
+            message.clone()
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn a_failing_node_fails_its_run_but_not_the_executor() {
     let dir = tempfile::tempdir().unwrap();
@@ -202,22 +223,8 @@ fn a_failing_node_fails_its_run_but_not_the_executor() {
         .unwrap();
     let run = executor.run(workflow.graph, env(&dir));
     let events = events_of(&executor, run);
-    match events.last() {
-        Some(Event::RunFailed {
-            failure:
-                RunFailure::Node {
-                    node,
-                    message,
-                    bad_input,
-                },
-            ..
-        }) => {
-            assert_eq!(node, "prompt");
-            assert!(*bad_input);
-            assert!(message.contains("names no shape"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
+    let message = failed_node_message(&events, "prompt");
+    assert!(message.contains("names no shape"), "{message}");
     assert!(
         events
             .iter()
@@ -228,6 +235,21 @@ fn a_failing_node_fails_its_run_but_not_the_executor() {
         events_of(&executor, run).last(),
         Some(Event::RunFinished { .. })
     ));
+}
+
+#[test]
+fn a_guide_model_of_another_latent_space_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut workflow = default_workflow();
+    workflow.apply_assignment("cfg.autoguide_scale=2").unwrap();
+    let run = executor.run(workflow.graph, env(&dir));
+    let message = failed_node_message(&events_of(&executor, run), "cfg");
+    assert!(message.contains("guide_model (shapes model"), "{message}");
+    assert!(
+        message.contains("autoguidance needs a weaker version of the same model"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -39,8 +39,9 @@ fn link(from: (&str, &str), to: (&str, &str)) -> Link {
 fn the_default_graph_plans_every_node_in_dependency_order() {
     let plan = validate(&default_graph()).unwrap();
     let position = |id: &str| plan.order.iter().position(|n| n == id).unwrap();
-    assert_eq!(plan.order.len(), 8);
+    assert_eq!(plan.order.len(), 9);
     assert!(position("model") < position("prompt"));
+    assert!(position("guide") < position("cfg"));
     assert!(position("cfg") < position("sampler"));
     assert!(position("start") < position("sampler"));
     assert!(position("decode") < position("save"));

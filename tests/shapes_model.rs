@@ -203,11 +203,11 @@ fn the_same_seed_trains_the_same_weights() {
     );
 }
 
-/// Runs the default workflow on the shapes model in `model` with `assignments`, writing into
-/// `out`; returns every event of the run.
+/// Runs the default workflow on the shapes model in `model` (without the shipped model's
+/// autoguidance) with `assignments`, writing into `out`; returns every event of the run.
 fn run_default_workflow(model: &Path, out: &Path, assignments: &[&str]) -> Vec<Event> {
     let mut workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default").unwrap();
-    workflow.apply_assignment("model.family=shapes").unwrap();
+    workflow.apply_assignment("cfg.autoguide_scale=1").unwrap();
     workflow
         .apply_assignment(&format!("model.path={}", model.display()))
         .unwrap();

@@ -17,7 +17,7 @@ fn the_default_workflow_has_the_documented_nodes_and_parameters() {
     let workflow = Workflow::load(Path::new(DEFAULT)).unwrap();
     let ids: Vec<&str> = workflow.graph.nodes.iter().map(|n| n.id.as_str()).collect();
     for id in [
-        "model", "prompt", "negative", "start", "cfg", "sampler", "decode", "save",
+        "model", "guide", "prompt", "negative", "start", "cfg", "sampler", "decode", "save",
     ] {
         assert!(ids.contains(&id), "missing node {id}");
     }
@@ -33,6 +33,8 @@ fn the_default_workflow_has_the_documented_nodes_and_parameters() {
         "sampler.shift=2.5",
         "cfg.scale=5",
         "cfg.method=apg",
+        "cfg.autoguide_scale=2.5",
+        "guide.path=assets/models/shapes-guide",
         "save.path=out/picture",
     ] {
         workflow.apply_assignment(assignment).unwrap();

@@ -2,9 +2,9 @@
 //!
 //! First the default workflow end to end (model load included, a fresh executor each time, so
 //! nothing is cached) and the process's peak memory; `--set` changes the workflow as in
-//! `flowline run`, so `--set model.family=shapes` measures the trained shapes model. Then how
-//! much the sampling loop itself costs per step, apart from the model: the overhead is
-//! measured with a velocity field that costs nothing (it returns a tensor computed
+//! `flowline run`, so `--set cfg.autoguide_scale=1` measures the shapes model without its
+//! guide. Then how much the sampling loop itself costs per step, apart from the model: the
+//! overhead is measured with a velocity field that costs nothing (it returns a tensor computed
 //! beforehand), so what remains is record keeping, norms, divergence checks and the update
 //! itself; the workflow model's own time per evaluation is measured separately.
 
@@ -35,7 +35,7 @@ pub struct BenchArgs {
     /// Measured runs per row (the median is reported).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Overrides a parameter of the default workflow, e.g. --set model.family=shapes.
+    /// Overrides a parameter of the default workflow, e.g. --set cfg.autoguide_scale=1.
     #[arg(long = "set", value_name = "NODE.PARAM=VALUE")]
     set: Vec<String>,
 }

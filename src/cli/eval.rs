@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use candle_core::Device;
 use clap::Args;
-use flowline::eval::{EvalSettings, Row, evaluate, held_out_cases};
+use flowline::eval::{EvalSettings, Row, WeakGuide, evaluate, held_out_cases};
 use flowline::files::write_atomic;
 use flowline::flow::guidance::{Guidance, GuidanceMethod};
 use flowline::flow::sampler::SamplerKind;
@@ -49,6 +49,13 @@ pub struct EvalArgs {
     /// where a model stops drawing them from the words alone.
     #[arg(long, default_value_t = 1.0, value_parser = parse_sigma)]
     start_sigma: f64,
+    /// A weaker version of the model (an earlier checkpoint of its run, say) to autoguide it
+    /// with (the CFG node's guide_model input).
+    #[arg(long, value_name = "DIR")]
+    autoguide_model: Option<PathBuf>,
+    /// Autoguidance scale (1 = off).
+    #[arg(long, default_value_t = 2.0)]
+    autoguide_scale: f64,
     /// Images generated at once.
     #[arg(long, default_value_t = 25)]
     batch: usize,
@@ -110,6 +117,19 @@ pub fn eval(args: EvalArgs) -> ExitCode {
     }) {
         Ok(m) => m,
         Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
+    };
+    let weak = match &args.autoguide_model {
+        None => None,
+        Some(folder) => match (family.load)(
+            &LoadRequest::new(folder.clone(), &Device::Cpu),
+            &mut |line| println!("{line}"),
+        ) {
+            Ok(model) => Some(WeakGuide {
+                model,
+                scale: args.autoguide_scale,
+            }),
+            Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
+        },
     };
     let settings = EvalSettings {
         samplers,
@@ -175,7 +195,9 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             row.seconds
         );
     };
-    let rows = match evaluate(&model, &cases, &settings, &mut |row| print(row)) {
+    let rows = match evaluate(&model, weak.as_ref(), &cases, &settings, &mut |row| {
+        print(row)
+    }) {
         Ok(rows) => rows,
         Err(e) => return fail(EXIT_FAILURE, format!("{e:#}")),
     };

@@ -82,7 +82,13 @@ impl Default for Guidance {
 impl Guidance {
     /// Whether the unconditional pass is needed at `sigma`; when not, the model runs once.
     pub fn needs_unconditional(&self, sigma: f64) -> bool {
-        self.scale != 1.0 && sigma >= self.interval.0 && sigma <= self.interval.1
+        self.scale != 1.0 && self.guides_at(sigma)
+    }
+
+    /// Whether `sigma` lies in the guidance interval, where any guidance (autoguidance too)
+    /// applies.
+    pub fn guides_at(&self, sigma: f64) -> bool {
+        (self.interval.0..=self.interval.1).contains(&sigma)
     }
 
     /// The guided velocity at `x`, `sigma` (call only where [`Self::needs_unconditional`]).

@@ -22,18 +22,41 @@ pub struct Guider {
     pub positive: Arc<Conditioning>,
     pub negative: Option<Arc<Conditioning>>,
     pub guidance: Guidance,
+    pub autoguide: Option<Autoguide>,
+}
+
+/// Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+/// itself"): a weaker version of the same model — trained less, or smaller — makes the same
+/// kinds of mistakes as the model, only more of them, so stepping away from its conditional
+/// prediction steps away from those mistakes. Unlike CFG it does not push the picture away from
+/// what the prompt allows, so it sharpens without burning in.
+#[derive(Clone)]
+pub struct Autoguide {
+    /// The weaker model; it must share the model's latent space.
+    pub model: Arc<dyn FlowModel>,
+    /// The positive prompt as the weaker model encodes it.
+    pub positive: Arc<Conditioning>,
+    /// `w` in `v + (w − 1)·(v_c − v_weak)`: 1 is off.
+    pub scale: f64,
 }
 
 impl Guider {
     /// The guided velocity at `x`, `sigma`; the unconditional pass runs only when needed.
     pub fn velocity(&self, x: &Tensor, sigma: f64) -> anyhow::Result<Tensor> {
         let cond = self.model.velocity(x, sigma, &self.positive)?;
-        match &self.negative {
+        let guided = match &self.negative {
             Some(negative) if self.guidance.needs_unconditional(sigma) => {
                 let uncond = self.model.velocity(x, sigma, negative)?;
-                Ok(self.guidance.combine(x, sigma, &cond, &uncond)?)
+                self.guidance.combine(x, sigma, &cond, &uncond)?
             }
-            _ => Ok(cond),
+            _ => cond.clone(),
+        };
+        match &self.autoguide {
+            Some(weak) if weak.scale != 1.0 && self.guidance.guides_at(sigma) => {
+                let weak_cond = weak.model.velocity(x, sigma, &weak.positive)?;
+                Ok((guided + ((cond - weak_cond)? * (weak.scale - 1.0))?)?)
+            }
+            _ => Ok(guided),
         }
     }
 }
@@ -120,14 +143,18 @@ mod tests {
         })
     }
 
-    fn guider(scale: f64, interval: (f64, f64)) -> (Guider, Arc<CountingModel>) {
-        let model = Arc::new(CountingModel {
+    fn counting_model() -> Arc<CountingModel> {
+        Arc::new(CountingModel {
             calls: AtomicUsize::new(0),
             preview: LatentPreview {
                 matrix: [vec![1.0], vec![1.0], vec![1.0]],
                 bias: [0.0; 3],
             },
-        });
+        })
+    }
+
+    fn guider(scale: f64, interval: (f64, f64)) -> (Guider, Arc<CountingModel>) {
+        let model = counting_model();
         let guider = Guider {
             model: model.clone(),
             positive: conditioning(2.0),
@@ -137,6 +164,7 @@ mod tests {
                 interval,
                 ..Guidance::default()
             },
+            autoguide: None,
         };
         (guider, model)
     }
@@ -168,6 +196,42 @@ mod tests {
         let (guided, model) = guider(3.0, (0.2, 0.6));
         let v = guided.velocity(&x, 0.9).unwrap();
         assert_eq!(model.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [2.0, 6.0]
+        );
+    }
+
+    #[test]
+    fn autoguidance_steps_away_from_the_weak_models_conditional_prediction() {
+        let x = Tensor::new(&[[[[1f32, 3.0]]]], &Device::Cpu).unwrap();
+        for (scale, weak_calls, expected) in [
+            // CFG 3 gives 4x; 3 − 1 times (v_c − v_weak) = 2·(2x − 1.5x) adds x.
+            (3.0, 1, [5.0, 15.0]),
+            (1.0, 0, [4.0, 12.0]),
+        ] {
+            let (mut guided, _) = guider(3.0, (0.0, 1.0));
+            let weak = counting_model();
+            guided.autoguide = Some(Autoguide {
+                model: weak.clone(),
+                positive: conditioning(1.5),
+                scale,
+            });
+            let v = guided.velocity(&x, 0.5).unwrap();
+            assert_eq!(weak.calls.load(Ordering::SeqCst), weak_calls);
+            assert_eq!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
+        }
+
+        // Like CFG, autoguidance applies only inside the guidance interval.
+        let (mut guided, _) = guider(3.0, (0.2, 0.6));
+        let weak = counting_model();
+        guided.autoguide = Some(Autoguide {
+            model: weak.clone(),
+            positive: conditioning(1.5),
+            scale: 3.0,
+        });
+        let v = guided.velocity(&x, 0.9).unwrap();
+        assert_eq!(weak.calls.load(Ordering::SeqCst), 0);
         assert_eq!(
             v.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             [2.0, 6.0]

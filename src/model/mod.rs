@@ -136,6 +136,7 @@ pub use locate::LoadRequest;
 pub const FAMILIES: &[Family] = &[
     exemplar::FAMILY,
     shapes::FAMILY,
+    shapes::GUIDE_FAMILY,
     flux::SCHNELL,
     flux::DEV,
     sd3::LARGE,
@@ -146,6 +147,7 @@ pub const FAMILIES: &[Family] = &[
 pub const FAMILY_NAMES: &[&str] = &[
     exemplar::FAMILY.name,
     shapes::FAMILY.name,
+    shapes::GUIDE_FAMILY.name,
     flux::SCHNELL.name,
     flux::DEV.name,
     sd3::LARGE.name,

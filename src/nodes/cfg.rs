@@ -5,25 +5,32 @@
 //! setting, not a property of the weights, so changing it must not reload the model (the Load
 //! Model node's output is cached) nor re-encode the prompt. The node stamps it on the
 //! conditionings it passes on; families without a guidance input ignore it.
+//!
+//! Autoguidance needs a second model, so it is an input here rather than a method: a weaker
+//! version of the model (the shapes model earlier in its training, say) on `guide_model` adds
+//! `(w − 1)·(v_c − v_weak)` to whichever guidance the method gives (see
+//! [`crate::graph::value::Autoguide`]). Like CFG it applies only inside the guidance interval;
+//! at scale 1 it is off, and the guide model is not run.
 
 use std::sync::Arc;
 
 use super::{InputError, NodeContext, NodeDef, NodeEvent, NodeSpec, ParamSpec, PortSpec};
 use crate::flow::guidance::{Guidance, GuidanceMethod};
 use crate::graph::PortType;
-use crate::graph::value::{Guider, Value};
-use crate::model::Conditioning;
+use crate::graph::value::{Autoguide, Guider, Value};
+use crate::model::{Conditioning, FlowModel};
 
 pub fn definition() -> NodeDef {
     NodeDef {
         spec: NodeSpec {
             type_name: "cfg",
             title: "CFG",
-            description: "Classifier-free guidance; scale 1 uses the positive prompt alone at half the cost.",
+            description: "Classifier-free guidance; scale 1 uses the positive prompt alone at half the cost. A weaker version of the model on guide_model adds autoguidance.",
             inputs: vec![
                 PortSpec::required("model", PortType::Model),
                 PortSpec::required("positive", PortType::Conditioning),
                 PortSpec::optional("negative", PortType::Conditioning),
+                PortSpec::optional("guide_model", PortType::Model),
             ],
             outputs: vec![PortSpec::required("guider", PortType::Guider)],
             params: vec![
@@ -62,8 +69,27 @@ pub fn definition() -> NodeDef {
                     crate::model::flux::DEFAULT_DISTILLED_GUIDANCE,
                     "FLUX.1 [dev]'s built-in guidance input (other models ignore it)",
                 ),
-                ParamSpec::float("interval_low", 0.0, 1.0, 0.0, "guide only for σ ≥ this"),
-                ParamSpec::float("interval_high", 0.0, 1.0, 1.0, "guide only for σ ≤ this"),
+                ParamSpec::float(
+                    "interval_low",
+                    0.0,
+                    1.0,
+                    0.0,
+                    "guide (and autoguide) only for σ ≥ this",
+                ),
+                ParamSpec::float(
+                    "interval_high",
+                    0.0,
+                    1.0,
+                    1.0,
+                    "guide (and autoguide) only for σ ≤ this",
+                ),
+                ParamSpec::float(
+                    "autoguide_scale",
+                    1.0,
+                    10.0,
+                    2.0,
+                    "autoguidance: how far to step away from guide_model, a weaker version of the model (1 = off)",
+                ),
             ],
             is_output: false,
         },
@@ -111,10 +137,55 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
         ))
         .into());
     }
+    let model = ctx.model("model")?;
+    let autoguide_scale = ctx.float("autoguide_scale");
+    let autoguide = match ctx.optional_model("guide_model")? {
+        Some(weak) if autoguide_scale != 1.0 => {
+            Some(autoguide(&model, weak, &positive, autoguide_scale)?)
+        }
+        _ => None,
+    };
     Ok(vec![Value::Guider(Arc::new(Guider {
-        model: ctx.model("model")?,
+        model,
         positive,
         negative,
         guidance,
+        autoguide,
     }))])
 }
+
+/// Autoguidance of `model` by `weak`, which must share its latent space: the positive prompt
+/// is encoded again by the weak model's own prompt encoder.
+fn autoguide(
+    model: &Arc<dyn FlowModel>,
+    weak: Arc<dyn FlowModel>,
+    positive: &Conditioning,
+    scale: f64,
+) -> anyhow::Result<Autoguide> {
+    let (ours, theirs) = (
+        model.latent_shape(LATENT_PROBE_SIDE, LATENT_PROBE_SIDE)?,
+        weak.latent_shape(LATENT_PROBE_SIDE, LATENT_PROBE_SIDE)?,
+    );
+    if ours != theirs {
+        return Err(InputError(format!(
+            "guide_model ({}) has latents of shape {theirs:?} where model ({}) has {ours:?}: \
+             autoguidance needs a weaker version of the same model (or set autoguide_scale to 1, \
+             or disconnect guide_model)",
+            weak.describe(),
+            model.describe()
+        ))
+        .into());
+    }
+    let encoded = weak.encode_prompt(&positive.prompt)?;
+    Ok(Autoguide {
+        model: weak,
+        positive: Arc::new(Conditioning {
+            distilled_guidance: positive.distilled_guidance,
+            ..encoded
+        }),
+        scale,
+    })
+}
+
+/// The image side at which the two models' latent shapes are compared (every family takes it).
+const LATENT_PROBE_SIDE: usize = 64;

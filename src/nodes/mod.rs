@@ -369,14 +369,19 @@ impl<'a> NodeContext<'a> {
     }
 
     fn required(&self, name: &str) -> anyhow::Result<&Value> {
-        self.input(name)
-            .ok_or_else(|| anyhow::anyhow!("input {name} is not connected"))
+        self.input(name).ok_or_else(|| not_connected(name))
     }
 
     pub fn model(&self, name: &str) -> anyhow::Result<Arc<dyn FlowModel>> {
-        match self.required(name)? {
-            Value::Model(m) => Ok(m.clone()),
-            other => wrong_type(name, other),
+        self.optional_model(name)?
+            .ok_or_else(|| not_connected(name))
+    }
+
+    pub fn optional_model(&self, name: &str) -> anyhow::Result<Option<Arc<dyn FlowModel>>> {
+        match self.input(name) {
+            None => Ok(None),
+            Some(Value::Model(m)) => Ok(Some(m.clone())),
+            Some(other) => wrong_type(name, other),
         }
     }
 
@@ -408,6 +413,10 @@ impl<'a> NodeContext<'a> {
             other => wrong_type(name, other),
         }
     }
+}
+
+fn not_connected(name: &str) -> anyhow::Error {
+    anyhow::anyhow!("input {name} is not connected")
 }
 
 fn wrong_type<T>(name: &str, value: &Value) -> anyhow::Result<T> {

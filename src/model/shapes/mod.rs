@@ -32,8 +32,21 @@ pub const FAMILY: Family = Family {
     load,
 };
 
+/// The shapes model as it was earlier in its training: the weaker version of it that the
+/// default workflow autoguides it with (see [`crate::graph::value::Autoguide`]). Any shapes
+/// model folder loads through it too; only the built-in weights differ.
+pub const GUIDE_FAMILY: Family = Family {
+    name: "shapes-guide",
+    description: "the shapes model earlier in its training, to autoguide the shapes model with",
+    needs_path: false,
+    load: load_guide,
+};
+
 /// Where the shipped weights live, relative to the crate.
 pub const SHIPPED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/models/shapes");
+/// Where the shipped weights of [`GUIDE_FAMILY`] live.
+pub const SHIPPED_GUIDE_DIR: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/assets/models/shapes-guide");
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 /// The `format` value of every config.
@@ -69,8 +82,20 @@ fn load(
     request: &LoadRequest,
     _report: &mut dyn FnMut(String),
 ) -> anyhow::Result<Arc<dyn FlowModel>> {
+    load_or_shipped(request, SHIPPED_DIR)
+}
+
+fn load_guide(
+    request: &LoadRequest,
+    _report: &mut dyn FnMut(String),
+) -> anyhow::Result<Arc<dyn FlowModel>> {
+    load_or_shipped(request, SHIPPED_GUIDE_DIR)
+}
+
+/// The model in the request's folder, or in `shipped` where the request names none.
+fn load_or_shipped(request: &LoadRequest, shipped: &str) -> anyhow::Result<Arc<dyn FlowModel>> {
     let folder = if request.path.as_os_str().is_empty() {
-        PathBuf::from(SHIPPED_DIR)
+        PathBuf::from(shipped)
     } else {
         request.path.clone()
     };
