@@ -184,20 +184,23 @@ fn eval_tallies_the_shape_seen_for_each_shape_asked() {
     assert_eq!(tallied(row), 12);
 }
 
+/// Three prompts, two Euler steps: enough to see a setting reach the report.
+const QUICK_EVAL: [&str; 6] = ["--prompts", "3", "--samplers", "euler", "--steps", "2"];
+
 #[test]
 fn eval_guides_with_the_variant_and_interval_asked_for() {
-    let (report, stdout) = eval_report(&[
-        "--prompts",
-        "3",
-        "--samplers",
-        "euler",
-        "--steps",
-        "2",
-        "--guidance",
-        "cfg_zero_star",
-        "--guidance-interval",
-        "0.2,0.9",
-    ]);
+    let (report, stdout) = eval_report(
+        &[
+            QUICK_EVAL.as_slice(),
+            &[
+                "--guidance",
+                "cfg_zero_star",
+                "--guidance-interval",
+                "0.2,0.9",
+            ],
+        ]
+        .concat(),
+    );
     assert_eq!(report["guidance"], "cfg_zero_star");
     assert_eq!(report["guidance_interval"], serde_json::json!([0.2, 0.9]));
     assert_eq!(tallied(&report["rows"][0]), 3);
@@ -210,6 +213,25 @@ fn eval_guides_with_the_variant_and_interval_asked_for() {
     assert_bad_input(&output, "unknown guidance \"louder\"");
     let output = flowline(&["eval", "--guidance-interval", "0.9,0.2"]);
     assert_bad_input(&output, "0 ≤ LOW ≤ HIGH ≤ 1");
+}
+
+#[test]
+fn eval_autoguides_with_the_model_asked_for() {
+    let guide = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/models/shapes-guide");
+    let (report, stdout) = eval_report(
+        &[
+            QUICK_EVAL.as_slice(),
+            &["--autoguide-model", guide, "--autoguide-scale", "3"],
+        ]
+        .concat(),
+    );
+    assert_eq!(report["autoguide"]["folder"], guide);
+    assert_eq!(report["autoguide"]["scale"], 3.0);
+    assert_eq!(tallied(&report["rows"][0]), 3);
+    assert!(stdout.contains(", autoguided by shapes model"), "{stdout}");
+
+    let output = flowline(&["eval", "--autoguide-model", "/nowhere/guide"]);
+    assert_bad_input(&output, "/nowhere/guide/config.json");
 }
 
 #[test]

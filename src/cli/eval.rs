@@ -153,8 +153,18 @@ pub fn eval(args: EvalArgs) -> ExitCode {
     } else {
         "starting from noise".to_string()
     };
+    let autoguided = weak
+        .as_ref()
+        .map(|weak| {
+            format!(
+                ", autoguided by {} at scale {}",
+                weak.model.describe(),
+                weak.scale
+            )
+        })
+        .unwrap_or_default();
     println!(
-        "{} on {} held-out prompts, guidance {} at scale {} for σ in [{}, {}], shifted scheduler (shift {}), {start}",
+        "{} on {} held-out prompts, guidance {} at scale {} for σ in [{}, {}]{autoguided}, shifted scheduler (shift {}), {start}",
         model.describe(),
         cases.len(),
         method.name(),
@@ -208,6 +218,11 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             "cfg": args.cfg,
             "guidance": method.name(),
             "guidance_interval": [interval.0, interval.1],
+            "autoguide": weak.as_ref().map(|weak| serde_json::json!({
+                "model": weak.model.describe(),
+                "folder": args.autoguide_model,
+                "scale": weak.scale,
+            })),
             "shift": args.shift,
             "start_sigma": args.start_sigma,
             "rows": rows,
