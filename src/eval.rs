@@ -102,6 +102,9 @@ pub fn evaluate(
     settings: &EvalSettings,
     on_row: &mut dyn FnMut(&Row),
 ) -> anyhow::Result<Vec<Row>> {
+    if let Some(weak) = weak {
+        Autoguide::check_compatible(model.as_ref(), weak.model.as_ref())?;
+    }
     let negative = Arc::new(model.encode_prompt("")?);
     let encode_all = |model: &Arc<dyn FlowModel>| {
         cases

@@ -245,7 +245,10 @@ fn a_guide_model_of_another_latent_space_is_refused_by_name() {
     workflow.apply_assignment("cfg.autoguide_scale=2").unwrap();
     let run = executor.run(workflow.graph, env(&dir));
     let message = failed_node_message(&events_of(&executor, run), "cfg");
-    assert!(message.contains("guide_model (shapes model"), "{message}");
+    assert!(
+        message.contains("the guide model (shapes model"),
+        "{message}"
+    );
     assert!(
         message.contains("autoguidance needs a weaker version of the same model"),
         "{message}"

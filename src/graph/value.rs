@@ -7,6 +7,7 @@ use candle_core::Tensor;
 use super::PortType;
 use crate::flow::guidance::Guidance;
 use crate::model::{Conditioning, FlowModel};
+use crate::nodes::InputError;
 
 /// A latent with the noise level it sits at (1 for pure noise, less for a source-image start).
 #[derive(Debug, Clone)]
@@ -39,6 +40,31 @@ pub struct Autoguide {
     /// `w` in `v + (w − 1)·(v_c − v_weak)`: 1 is off.
     pub scale: f64,
 }
+
+impl Autoguide {
+    /// Refuses a guide whose latents differ from the model's: it cannot be a weaker version of
+    /// the same model.
+    pub fn check_compatible(model: &dyn FlowModel, weak: &dyn FlowModel) -> anyhow::Result<()> {
+        let (ours, theirs) = (
+            model.latent_shape(LATENT_PROBE_SIDE, LATENT_PROBE_SIDE)?,
+            weak.latent_shape(LATENT_PROBE_SIDE, LATENT_PROBE_SIDE)?,
+        );
+        if ours != theirs {
+            return Err(InputError(format!(
+                "the guide model ({}) has latents of shape {theirs:?} where the model ({}) has \
+                 {ours:?}: autoguidance needs a weaker version of the same model (autoguidance \
+                 scale 1 turns it off)",
+                weak.describe(),
+                model.describe()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+}
+
+/// The image side at which two models' latent shapes are compared (every family takes it).
+const LATENT_PROBE_SIDE: usize = 64;
 
 impl Guider {
     /// The guided velocity at `x`, `sigma`; the unconditional pass runs only when needed.

@@ -162,20 +162,7 @@ fn autoguide(
     positive: &Conditioning,
     scale: f64,
 ) -> anyhow::Result<Autoguide> {
-    let (ours, theirs) = (
-        model.latent_shape(LATENT_PROBE_SIDE, LATENT_PROBE_SIDE)?,
-        weak.latent_shape(LATENT_PROBE_SIDE, LATENT_PROBE_SIDE)?,
-    );
-    if ours != theirs {
-        return Err(InputError(format!(
-            "guide_model ({}) has latents of shape {theirs:?} where model ({}) has {ours:?}: \
-             autoguidance needs a weaker version of the same model (or set autoguide_scale to 1, \
-             or disconnect guide_model)",
-            weak.describe(),
-            model.describe()
-        ))
-        .into());
-    }
+    Autoguide::check_compatible(model.as_ref(), weak.as_ref())?;
     let encoded = weak.encode_prompt(&positive.prompt)?;
     Ok(Autoguide {
         model: weak,
@@ -186,6 +173,3 @@ fn autoguide(
         scale,
     })
 }
-
-/// The image side at which the two models' latent shapes are compared (every family takes it).
-const LATENT_PROBE_SIDE: usize = 64;
