@@ -16,7 +16,7 @@
 //! MLPs (far less CPU than GELU). With them, samples are whole objects, of the prompted colour
 //! and place, but blobs whatever the shape word. A convolutional head at latent resolution
 //! ([`ConvHead`]), which a run can add to a trained network, has since made the outline follow
-//! the shape word a little under half the time. Coarser scales for that head ([`CoarseScale`],
+//! the shape word about half the time. Coarser scales for that head ([`CoarseScale`],
 //! U-Net style) gave no measurable gain in a trial of 2 000 steps, so the shipped head works
 //! at latent resolution only.
 //! Sizes come from [`NetworkConfig`], stored beside the weights.
