@@ -264,7 +264,8 @@ impl Growth {
                 "{scales} scales do not divide a latent side of {}",
                 network.latent_size
             );
-            if scales > network.conv_head_scales && added.is_empty() {
+            // A head added in the same call is new as a whole, coarse scales and all.
+            if scales > network.conv_head_scales && self.conv_head.is_none() {
                 added.push(format!(
                     "{CONV_HEAD_PREFIX}{}",
                     format!("{COARSE_SCALE_NAME}.").repeat(network.conv_head_scales)
