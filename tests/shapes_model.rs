@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
+use flowline::dataset::GRAMMAR;
 use flowline::executor::{Event, Executor, RunFailure};
 use flowline::model::shapes::train::{
     CHECKPOINT_FILE, Growth, TimeSampling, TrainSettings, Trainer,
@@ -374,4 +375,29 @@ fn decoding_an_encoded_picture_gives_it_back() {
         .sum::<f64>()
         / picture.as_raw().len() as f64;
     assert!(error < 4.0, "mean absolute error {error}/255");
+}
+
+#[test]
+fn prompts_outside_the_caption_grammar_are_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), 1);
+    let model = ShapesModel::load(dir.path(), &Device::Cpu).unwrap();
+    let warnings = |text: &str| model.encode_prompt(text).unwrap().warnings;
+
+    let no_color = warnings("a cross in the top right");
+    assert_eq!(no_color.len(), 1, "{no_color:?}");
+    assert!(
+        no_color[0].contains("names no color") && no_color[0].contains(GRAMMAR),
+        "{no_color:?}"
+    );
+    let two_shapes = warnings("a red star and a blue heart");
+    assert!(
+        two_shapes.iter().any(|w| w.contains("more than one color")),
+        "{two_shapes:?}"
+    );
+    assert!(warnings("A large red star, in the top left!").is_empty());
+    assert!(
+        warnings("").is_empty(),
+        "the empty prompt is the unconditional one"
+    );
 }

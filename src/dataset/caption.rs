@@ -22,6 +22,9 @@ use super::shape::Shape;
 /// position, background); independently for each part.
 pub const OPTIONAL_PART_PROBABILITY: f64 = 0.5;
 
+/// The caption grammar as people read it; every training caption follows it.
+pub const GRAMMAR: &str = "a [small|large] <color> <shape> [<position>] [on a <color> background]";
+
 /// The article every caption starts with.
 const ARTICLE: &str = "a";
 /// Words that close a caption's background part: "on a <color> background".
@@ -121,8 +124,7 @@ impl Caption {
         }
     }
 
-    /// The caption as English text, exactly in the grammar
-    /// `a [small|large] <color> <shape> [<position>] [on a <color> background]`.
+    /// The caption as English text, exactly in the [`GRAMMAR`].
     pub fn text(&self) -> String {
         let mut words = vec![ARTICLE];
         if let Some(size) = self.size {

@@ -17,7 +17,7 @@ use image::RgbImage;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-pub use caption::{Attribute, Caption, CaptionError, ParsedCaption, vocabulary};
+pub use caption::{Attribute, Caption, CaptionError, GRAMMAR, ParsedCaption, vocabulary};
 pub use grid::sample_grid;
 pub use layout::{Position, Size};
 pub use palette::Color;

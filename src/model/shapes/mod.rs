@@ -23,6 +23,7 @@ use self::autoencoder::PatchAutoencoder;
 use self::network::{NetworkConfig, Networks};
 use self::tokenizer::Tokenizer;
 use super::{Conditioning, Family, FlowModel, LatentPreview, LoadRequest, require_size};
+use crate::dataset::{Caption, GRAMMAR};
 use crate::nodes::InputError;
 
 pub const FAMILY: Family = Family {
@@ -233,6 +234,14 @@ impl FlowModel for ShapesModel {
             warnings.push(format!(
                 "unknown words ignored: {}",
                 tokens.unknown_words.join(", ")
+            ));
+        }
+        if !text.trim().is_empty()
+            && let Err(problem) = Caption::parse(text)
+        {
+            warnings.push(format!(
+                "{problem}: the shapes model learned only captions of the form \"{GRAMMAR}\", \
+                 so the picture may not show what was meant"
             ));
         }
         if tokens.truncated > 0 {
