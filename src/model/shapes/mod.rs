@@ -240,8 +240,7 @@ impl FlowModel for ShapesModel {
             && let Err(problem) = Caption::parse(text)
         {
             warnings.push(format!(
-                "{problem}: the shapes model learned only captions of the form \"{GRAMMAR}\", \
-                 so the picture may not show what was meant"
+                "{problem}, so the picture is unpredictable: the shapes model knows only \"{GRAMMAR}\""
             ));
         }
         if tokens.truncated > 0 {
