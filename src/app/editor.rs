@@ -438,14 +438,17 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
     ) {
         let id = &snarl[node].id;
         ui.set_max_width(260.0);
+        // Wrapped explicitly: the footer's layout would otherwise widen the node to the longest
+        // message and lay it over its neighbours.
+        let mut note = |text: RichText| ui.add(egui::Label::new(text).wrap());
         if let Some(problem) = self.runs.problem(id) {
-            ui.label(RichText::new(problem).color(Color32::from_rgb(255, 110, 110)));
+            note(RichText::new(problem).color(Color32::from_rgb(255, 110, 110)));
         }
         for (_, info) in self.runs.infos.iter().filter(|(n, _)| n == id) {
-            ui.label(RichText::new(info).weak());
+            note(RichText::new(info).weak());
         }
         for (_, warning) in self.runs.warnings.iter().filter(|(n, _)| n == id) {
-            ui.label(RichText::new(format!("⚠ {warning}")).color(Color32::from_rgb(240, 200, 90)));
+            note(RichText::new(format!("⚠ {warning}")).color(Color32::from_rgb(240, 200, 90)));
         }
     }
 
