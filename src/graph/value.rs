@@ -228,6 +228,23 @@ mod tests {
         );
     }
 
+    /// [`guider`] autoguided at `autoguide_scale` by a counting model whose positive
+    /// conditioning is 1.5, and that model.
+    fn autoguided(
+        scale: f64,
+        interval: (f64, f64),
+        autoguide_scale: f64,
+    ) -> (Guider, Arc<CountingModel>) {
+        let (mut guided, _) = guider(scale, interval);
+        let weak = counting_model();
+        guided.autoguide = Some(Autoguide {
+            model: weak.clone(),
+            positive: conditioning(1.5),
+            scale: autoguide_scale,
+        });
+        (guided, weak)
+    }
+
     #[test]
     fn autoguidance_steps_away_from_the_weak_models_conditional_prediction() {
         let x = Tensor::new(&[[[[1f32, 3.0]]]], &Device::Cpu).unwrap();
@@ -236,26 +253,14 @@ mod tests {
             (3.0, 1, [5.0, 15.0]),
             (1.0, 0, [4.0, 12.0]),
         ] {
-            let (mut guided, _) = guider(3.0, (0.0, 1.0));
-            let weak = counting_model();
-            guided.autoguide = Some(Autoguide {
-                model: weak.clone(),
-                positive: conditioning(1.5),
-                scale,
-            });
+            let (guided, weak) = autoguided(3.0, (0.0, 1.0), scale);
             let v = guided.velocity(&x, 0.5).unwrap();
             assert_eq!(weak.calls.load(Ordering::SeqCst), weak_calls);
             assert_eq!(v.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected);
         }
 
         // Like CFG, autoguidance applies only inside the guidance interval.
-        let (mut guided, _) = guider(3.0, (0.2, 0.6));
-        let weak = counting_model();
-        guided.autoguide = Some(Autoguide {
-            model: weak.clone(),
-            positive: conditioning(1.5),
-            scale: 3.0,
-        });
+        let (guided, weak) = autoguided(3.0, (0.2, 0.6), 3.0);
         let v = guided.velocity(&x, 0.9).unwrap();
         assert_eq!(weak.calls.load(Ordering::SeqCst), 0);
         assert_eq!(
