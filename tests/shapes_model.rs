@@ -145,6 +145,19 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
     assert!(first.is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
+    let blocks = Growth {
+        conv_head_blocks: Some(4),
+        ..Growth::default()
+    };
+    let (change, mut resumed) = change_from_growth(dir.path(), || resume(blocks).unwrap());
+    assert!(
+        change < 1e-5,
+        "the added head blocks changed the output by {change}"
+    );
+    assert_eq!(resumed.settings().network.conv_head_blocks, 4);
+    assert!(resumed.train_step(0).unwrap().is_finite());
+    resumed.save(dir.path(), "test").unwrap();
+
     let depth = resumed.settings().network.depth;
     let deeper = Growth {
         depth: Some(depth + 2),
@@ -164,10 +177,12 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
             .unwrap();
     assert_eq!(config["network"]["conv_head"], 4);
     assert_eq!(config["network"]["conv_head_scales"], 3);
+    assert_eq!(config["network"]["conv_head_blocks"], 4);
     assert_eq!(config["network"]["depth"], depth + 2);
     let notes = config["training"]["notes"].to_string();
     assert!(notes.contains("conv_head 4 (was 0)"), "{notes}");
     assert!(notes.contains("conv_head_scales 3 (was 1)"), "{notes}");
+    assert!(notes.contains("conv_head_blocks 4 (was 2)"), "{notes}");
     let depth_note = format!("depth {} (was {depth})", depth + 2);
     assert!(notes.contains(&depth_note), "{notes}");
     for (growth, expected) in [
@@ -178,6 +193,13 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
                 ..Growth::default()
             },
             "already works at 3 scales",
+        ),
+        (
+            Growth {
+                conv_head_blocks: Some(3),
+                ..Growth::default()
+            },
+            "already has 4 blocks",
         ),
         (
             Growth {

@@ -69,6 +69,10 @@ pub struct TrainArgs {
     /// adds the coarser ones to a run's head).
     #[arg(long, value_name = "COUNT", value_parser = clap::value_parser!(u16).range(1..=4))]
     conv_head_scales: Option<u16>,
+    /// Residual blocks of the convolutional head at latent resolution (on --resume: appends new
+    /// ones, which start as the identity).
+    #[arg(long, value_name = "BLOCKS")]
+    conv_head_blocks: Option<usize>,
     /// DiT blocks in all (on --resume: appends new ones, which start as the identity).
     #[arg(long, value_name = "BLOCKS")]
     depth: Option<usize>,
@@ -95,6 +99,7 @@ pub fn train(args: TrainArgs) -> ExitCode {
             Growth {
                 conv_head: args.conv_head,
                 conv_head_scales: args.conv_head_scales.map(usize::from),
+                conv_head_blocks: args.conv_head_blocks,
                 depth: args.depth,
             },
         )
@@ -108,6 +113,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
         }
         if let Some(scales) = args.conv_head_scales {
             settings.network.conv_head_scales = usize::from(scales);
+        }
+        if let Some(blocks) = args.conv_head_blocks {
+            settings.network.conv_head_blocks = blocks;
         }
         if let Some(depth) = args.depth {
             settings.network.depth = depth;

@@ -83,10 +83,20 @@ pub struct NetworkConfig {
     /// [`CoarseScale`]).
     #[serde(default = "single_scale")]
     pub conv_head_scales: usize,
+    /// Residual blocks of the convolutional head at latent resolution (see [`ConvHead`]);
+    /// older models have two. With its input and output convolutions, two blocks see 11 latent
+    /// positions (44 pixels), a large shape's whole box; each block more sees four positions
+    /// further, so the edge it draws can depend on more of the shape around it.
+    #[serde(default = "two_conv_head_blocks")]
+    pub conv_head_blocks: usize,
 }
 
 fn single_scale() -> usize {
     1
+}
+
+fn two_conv_head_blocks() -> usize {
+    2
 }
 
 /// The nonlinearity inside every MLP.
@@ -348,10 +358,6 @@ pub struct ConvHead {
     output: Conv2d,
 }
 
-/// Residual convolution blocks in a [`ConvHead`]: with its input and output convolutions, a
-/// receptive field of 11 latent positions (44 pixels), a large shape's whole box.
-const CONV_HEAD_BLOCKS: usize = 2;
-
 impl ConvHead {
     fn new(config: &NetworkConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let channels = config.conv_head;
@@ -363,7 +369,7 @@ impl ConvHead {
                 config.hidden,
                 vb.pp(COARSE_SCALE_NAME),
             )?,
-            blocks: (0..CONV_HEAD_BLOCKS)
+            blocks: (0..config.conv_head_blocks)
                 .map(|i| ConvBlock::new(channels, config.hidden, vb.pp(format!("blocks.{i}"))))
                 .collect::<candle_core::Result<_>>()?,
             output: conv3x3(

@@ -159,6 +159,7 @@ impl TrainSettings {
                 activation: Activation::Relu,
                 conv_head,
                 conv_head_scales: 1,
+                conv_head_blocks: 2,
             },
             batch,
             learning_rate: 6e-4,
@@ -230,6 +231,10 @@ pub struct Growth {
     pub conv_head: Option<usize>,
     /// The resolutions the convolutional head works at, more than it has.
     pub conv_head_scales: Option<usize>,
+    /// Residual blocks of the convolutional head at latent resolution, more than it has: the
+    /// new ones go after the last, where, with their second convolution at zero, they pass the
+    /// features on unchanged until they learn.
+    pub conv_head_blocks: Option<usize>,
     /// DiT blocks in all, more than it has: the new ones go after the last, where, with their
     /// adaLN-Zero gates at zero, they pass the tokens on unchanged until they learn.
     pub depth: Option<usize>,
@@ -272,6 +277,25 @@ impl Growth {
                 ));
             }
             network.conv_head_scales = scales;
+        }
+        if let Some(blocks) = self.conv_head_blocks {
+            anyhow::ensure!(
+                network.conv_head > 0,
+                "it has no convolutional head to add blocks to"
+            );
+            anyhow::ensure!(
+                blocks >= network.conv_head_blocks,
+                "its convolutional head already has {} blocks (asked for {blocks})",
+                network.conv_head_blocks
+            );
+            // A head added in the same call is new as a whole, blocks and all.
+            if self.conv_head.is_none() {
+                added.extend(
+                    (network.conv_head_blocks..blocks)
+                        .map(|block| format!("{CONV_HEAD_PREFIX}blocks.{block}.")),
+                );
+            }
+            network.conv_head_blocks = blocks;
         }
         if let Some(depth) = self.depth {
             anyhow::ensure!(
@@ -363,6 +387,11 @@ impl Trainer {
             "conv_head_scales",
             old_network.conv_head_scales,
             new_network.conv_head_scales,
+        );
+        trainer.note_change(
+            "conv_head_blocks",
+            old_network.conv_head_blocks,
+            new_network.conv_head_blocks,
         );
         trainer.note_change("depth", old_network.depth, new_network.depth);
         Ok(trainer)
