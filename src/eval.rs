@@ -20,7 +20,7 @@ use crate::dataset::{Attribute, CANVAS_SIZE, Caption, Scene, is_held_out, sample
 use crate::flow::guidance::Guidance;
 use crate::flow::interpolate;
 use crate::flow::noise::gaussian;
-use crate::flow::sampler::{SamplerKind, sample as run_sampler};
+use crate::flow::sampler::{FreshNoise, SamplerKind, sample as run_sampler};
 use crate::flow::schedule::Scheduler;
 use crate::graph::value::{Autoguide, Guider};
 use crate::model::{Conditioning, FlowModel, image_from_tensor, tensor_from_image};
@@ -62,6 +62,8 @@ pub struct EvalSettings {
     /// renderer from the case's seed) noised to this σ. Which σ a model still keeps the prompted
     /// shape from tells where it stops being able to draw it from the words alone.
     pub start_sigma: f64,
+    /// The ancestral sampler's η (see [`FreshNoise`]); its noise is seeded by each case's seed.
+    pub eta: f64,
 }
 
 /// Correct verdicts among the cases that state an attribute.
@@ -160,9 +162,14 @@ pub fn evaluate(
                 };
                 let mut field = |x: &Tensor, sigma: f64| guider.velocity(x, sigma);
                 let sigmas = settings.scheduler.sigmas(steps, settings.start_sigma);
-                let output = run_sampler(sampler, &mut field, &start, &sigmas, &mut |_| {
-                    ControlFlow::Continue(())
-                })?;
+                let noise = FreshNoise {
+                    eta: settings.eta,
+                    seeds: chunk.iter().map(|&i| cases[i].seed).collect(),
+                };
+                let output =
+                    run_sampler(sampler, &mut field, &start, &sigmas, &noise, &mut |_| {
+                        ControlFlow::Continue(())
+                    })?;
                 straightness += output.straightness * chunk.len() as f64;
                 for i in 0..chunk.len() {
                     let decoded = model.decode(&output.latent.narrow(0, i, 1)?)?;

@@ -143,6 +143,7 @@ fn held_out_prompts_meet_the_adherence_targets() {
         guidance,
         batch: 30,
         start_sigma: 1.0,
+        eta: 1.0,
     };
     let rows = evaluate(&model, Some(&weak), &cases, &settings, &mut |_| {}).unwrap();
     assert!(rows[0].adherence >= 0.75, "4 steps: {:?}", rows[0]);

@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use clap::Args;
 use flowline::executor::{Event, Executor};
 use flowline::flow::noise::gaussian;
-use flowline::flow::sampler::{SamplerKind, sample};
+use flowline::flow::sampler::{FreshNoise, SamplerKind, sample};
 use flowline::flow::schedule::Scheduler;
 use flowline::graph::ParamValue;
 use flowline::model::{FAMILY_NAMES, LoadRequest, family};
@@ -140,7 +140,7 @@ fn run(args: &BenchArgs, workflow: &Workflow) -> anyhow::Result<()> {
         args.repeats, args.steps
     );
     println!(
-        "{:<10} {:<16} {:>14} {:>12}",
+        "{:<16} {:<16} {:>14} {:>12}",
         "sampler", "latent", "overhead/step", "evals/step"
     );
     for shape in LATENT_SHAPES {
@@ -152,8 +152,12 @@ fn run(args: &BenchArgs, workflow: &Workflow) -> anyhow::Result<()> {
                 evaluations += 1;
                 Ok(velocity.clone())
             };
+            let noise = FreshNoise {
+                eta: 1.0,
+                seeds: vec![3; shape[0]],
+            };
             let seconds = median_seconds(args.repeats, || {
-                sample(kind, &mut field, &start, &sigmas, &mut |_| {
+                sample(kind, &mut field, &start, &sigmas, &noise, &mut |_| {
                     ControlFlow::Continue(())
                 })?;
                 Ok(())
@@ -161,7 +165,7 @@ fn run(args: &BenchArgs, workflow: &Workflow) -> anyhow::Result<()> {
             let evals = evaluations as f64 / (args.repeats.max(1) * args.steps) as f64;
             let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
             println!(
-                "{:<10} {:<16} {:>11.1} µs {:>12.2}",
+                "{:<16} {:<16} {:>11.1} µs {:>12.2}",
                 kind.name(),
                 dims.join("×"),
                 seconds / args.steps as f64 * 1e6,

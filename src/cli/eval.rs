@@ -49,6 +49,10 @@ pub struct EvalArgs {
     /// where a model stops drawing them from the words alone.
     #[arg(long, default_value_t = 1.0, value_parser = parse_sigma)]
     start_sigma: f64,
+    /// The euler_ancestral sampler's η: the share of each step redrawn as fresh noise (the
+    /// Sampler node's eta).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_eta)]
+    eta: f64,
     /// A weaker version of the model (an earlier checkpoint of its run, say) to autoguide it
     /// with (the CFG node's guide_model input).
     #[arg(long, value_name = "DIR")]
@@ -82,6 +86,14 @@ fn parse_sigma(text: &str) -> Result<f64, String> {
     match text.trim().parse::<f64>() {
         Ok(sigma) if sigma > 0.0 && sigma <= 1.0 => Ok(sigma),
         Ok(_) => Err(format!("{text:?} is not a noise level in (0, 1]")),
+        Err(e) => Err(format!("{text:?} is not a number: {e}")),
+    }
+}
+
+fn parse_eta(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(eta) if (0.0..=1.0).contains(&eta) => Ok(eta),
+        Ok(_) => Err(format!("{text:?} is not an η in [0, 1]")),
         Err(e) => Err(format!("{text:?} is not a number: {e}")),
     }
 }
@@ -143,6 +155,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         },
         batch: args.batch,
         start_sigma: args.start_sigma,
+        eta: args.eta,
     };
     let cases = held_out_cases(args.prompts);
     let start = if args.start_sigma < 1.0 {
@@ -174,7 +187,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         args.shift
     );
     println!(
-        "{:<9} {:>5} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>12} {:>8}",
+        "{:<15} {:>5} {:>10} {:>7} {:>7} {:>7} {:>7} {:>7} {:>12} {:>8}",
         "sampler",
         "steps",
         "adherence",
@@ -192,7 +205,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             100.0 * a.correct as f64 / a.stated.max(1) as f64
         };
         println!(
-            "{:<9} {:>5} {:>9.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>12.4} {:>8.1}",
+            "{:<15} {:>5} {:>9.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>6.1}% {:>12.4} {:>8.1}",
             row.sampler,
             row.steps,
             100.0 * row.adherence,
@@ -225,6 +238,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             })),
             "shift": args.shift,
             "start_sigma": args.start_sigma,
+            "eta": args.eta,
             "rows": rows,
         });
         let text = serde_json::to_string_pretty(&report).expect("a report serialises");

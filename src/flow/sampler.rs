@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 
 use candle_core::Tensor;
 
+use super::noise::gaussian;
 use super::{clean_estimate, l2_norm, sum, widened};
 
 /// A latent whose root-mean-square exceeds this is taken to have exploded. Flow latents live
@@ -26,14 +27,25 @@ pub enum SamplerKind {
     /// DPM-Solver++(2M) written for flows (α = 1 − σ): second-order multistep on x̂0 with one
     /// evaluation per step; first-order on the first step and exact x̂0 on the last.
     Dpmpp2m,
+    /// Euler ancestral for flows: each step goes by Euler below σ_next and then adds fresh
+    /// noise back up to σ_next (see [`FreshNoise`]); one evaluation per step. What the model got
+    /// wrong in earlier steps is partly replaced by noise that later steps decide afresh, so a
+    /// model whose early steps leave stray fragments can correct them (as EDM's stochastic
+    /// sampler does), at the price of a less straight path.
+    EulerAncestral,
 }
 
 impl SamplerKind {
     /// Every sampler, in the order a user sees them.
-    pub const ALL: [SamplerKind; 3] = [SamplerKind::Euler, SamplerKind::Heun, SamplerKind::Dpmpp2m];
+    pub const ALL: [SamplerKind; 4] = [
+        SamplerKind::Euler,
+        SamplerKind::Heun,
+        SamplerKind::Dpmpp2m,
+        SamplerKind::EulerAncestral,
+    ];
 
     /// The names used in workflow files and on the command line, in the order of [`Self::ALL`].
-    pub const NAMES: [&'static str; 3] = ["euler", "heun", "dpmpp_2m"];
+    pub const NAMES: [&'static str; 4] = ["euler", "heun", "dpmpp_2m", "euler_ancestral"];
 
     pub fn name(self) -> &'static str {
         Self::NAMES[self as usize]
@@ -43,6 +55,79 @@ impl SamplerKind {
         let index = Self::NAMES.iter().position(|n| *n == name)?;
         Some(Self::ALL[index])
     }
+}
+
+/// The fresh noise an ancestral sampler adds at every step; the other samplers use none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FreshNoise {
+    /// How much of each step is taken back and redrawn: the step goes by Euler down to
+    /// σ_down = σ_next·(1 + η·(σ_next/σ − 1)) and noise brings it back to σ_next. 0 is the
+    /// Euler step; 1 (ComfyUI's default) goes down to σ_next²/σ.
+    pub eta: f64,
+    /// One seed per image of the batch, so an image's noise does not depend on the batch it
+    /// is generated in; step k draws from [`FreshNoise::step_seed`].
+    pub seeds: Vec<u64>,
+}
+
+impl FreshNoise {
+    /// No fresh noise (for the deterministic samplers).
+    pub fn none() -> Self {
+        FreshNoise {
+            eta: 0.0,
+            seeds: Vec::new(),
+        }
+    }
+
+    /// The seed of the noise added at step `step` to the image seeded `seed`: a fixed
+    /// bijective mix (SplitMix64's finaliser) of both, so no two steps or images share noise.
+    pub fn step_seed(seed: u64, step: usize) -> u64 {
+        let mut z = seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Standard-normal noise shaped like `x` (`[B, …]`, one seed per image) for step `step`.
+    fn draw(&self, x: &Tensor, step: usize) -> candle_core::Result<Tensor> {
+        let dims = x.dims();
+        if self.seeds.len() != dims[0] {
+            candle_core::bail!(
+                "{} noise seeds for a batch of {} images",
+                self.seeds.len(),
+                dims[0]
+            );
+        }
+        let images: Vec<Tensor> = self
+            .seeds
+            .iter()
+            .map(|&seed| gaussian(Self::step_seed(seed, step), &dims[1..], x.device()))
+            .collect::<candle_core::Result<_>>()?;
+        Tensor::stack(&images, 0)?.to_dtype(x.dtype())
+    }
+}
+
+/// One Euler ancestral step: Euler from `sigma` down to σ_down, then scaled and noised so the
+/// result is a point of the path at `sigma_next` (`x_σ = σ·ε + (1 − σ)·x0` with fresh ε).
+fn euler_ancestral_step(
+    x: &Tensor,
+    velocity: &Tensor,
+    sigma: f64,
+    sigma_next: f64,
+    noise: &FreshNoise,
+    step: usize,
+) -> candle_core::Result<Tensor> {
+    if sigma_next <= 0.0 || noise.eta <= 0.0 {
+        return x + velocity.affine(sigma_next - sigma, 0.0)?;
+    }
+    let sigma_down = sigma_next * (1.0 + noise.eta * (sigma_next / sigma - 1.0));
+    let down = (x + velocity.affine(sigma_down - sigma, 0.0)?)?;
+    // x_down = σ_down·ε + (1 − σ_down)·x0: scaling by a keeps (1 − σ_next)·x0 and leaves
+    // a·σ_down of noise, topped up to σ_next by independent noise.
+    let a = (1.0 - sigma_next) / (1.0 - sigma_down);
+    let fresh = (sigma_next * sigma_next - (a * sigma_down).powi(2))
+        .max(0.0)
+        .sqrt();
+    down.affine(a, 0.0)? + noise.draw(x, step)?.affine(fresh, 0.0)?
 }
 
 /// Anything that predicts a velocity at a point and noise level.
@@ -107,12 +192,14 @@ pub enum SampleError {
 
 /// Integrates `field` from `start` (at σ = `sigmas[0]`) to σ = `sigmas.last()` (normally 0).
 ///
+/// `noise` is what the ancestral sampler adds at every step (the others use none).
 /// `observer` sees every step before it is taken and may return `Break` to cancel.
 pub fn sample(
     kind: SamplerKind,
     field: &mut dyn VelocityField,
     start: &Tensor,
     sigmas: &[f64],
+    noise: &FreshNoise,
     observer: &mut dyn FnMut(&StepRecord) -> ControlFlow<()>,
 ) -> Result<SampleOutput, SampleError> {
     let steps = sigmas.len().saturating_sub(1);
@@ -157,6 +244,9 @@ pub fn sample(
             }
             SamplerKind::Heun => (&x + velocity.affine(dt, 0.0)?)?,
             SamplerKind::Dpmpp2m => dpmpp_2m_step(&x, &clean, sigma, sigma_next, &mut history)?,
+            SamplerKind::EulerAncestral => {
+                euler_ancestral_step(&x, &velocity, sigma, sigma_next, noise, index)?
+            }
         };
         check_finite(&next, "the latent", index + 1, steps, sigma_next)?;
         let rms = l2_norm(&next)? / (next.elem_count() as f64).sqrt();
@@ -270,10 +360,7 @@ mod tests {
     fn endpoint_error(kind: SamplerKind, steps: usize) -> f64 {
         let x = start(256);
         let sigmas = Scheduler::Simple.sigmas(steps, 1.0);
-        let out = sample(kind, &mut gaussian_field, &x, &sigmas, &mut |_| {
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+        let out = unobserved(kind, &mut gaussian_field, &x, &sigmas).unwrap();
         let err = (out.latent - exact_endpoint(&x)).unwrap();
         l2_norm(&err).unwrap() / 16.0
     }
@@ -307,13 +394,53 @@ mod tests {
 
     #[test]
     fn errors_shrink_as_steps_double() {
-        for kind in SamplerKind::ALL {
+        // The ancestral sampler draws a different endpoint for each noise, not the ODE's.
+        let deterministic = SamplerKind::ALL
+            .into_iter()
+            .filter(|&kind| kind != SamplerKind::EulerAncestral);
+        for kind in deterministic {
             let errors: Vec<f64> = [4, 8, 16, 32].map(|n| endpoint_error(kind, n)).to_vec();
             assert!(
                 errors.windows(2).all(|w| w[1] < w[0]),
                 "{kind:?}: {errors:?}"
             );
         }
+    }
+
+    /// A run of the deterministic `kind` on `field` from `x` down `sigmas` that nothing
+    /// observes.
+    fn unobserved(
+        kind: SamplerKind,
+        field: &mut dyn VelocityField,
+        x: &Tensor,
+        sigmas: &[f64],
+    ) -> Result<SampleOutput, SampleError> {
+        let noise = FreshNoise::none();
+        sample(kind, field, x, sigmas, &noise, &mut |_| {
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// The run of `kind` with `noise` on the exact Gaussian field from `x` down `sigmas`.
+    fn run_to_end(
+        kind: SamplerKind,
+        x: &Tensor,
+        sigmas: &[f64],
+        noise: &FreshNoise,
+    ) -> SampleOutput {
+        sample(kind, &mut gaussian_field, x, sigmas, noise, &mut |_| {
+            ControlFlow::Continue(())
+        })
+        .unwrap()
+    }
+
+    /// The mean and standard deviation of all of `t`'s (f64) values.
+    fn mean_and_std(t: &Tensor) -> (f64, f64) {
+        let v: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().sum::<f64>() / n;
+        let std = (v.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / n).sqrt();
+        (mean, std)
     }
 
     #[test]
@@ -323,18 +450,8 @@ mod tests {
             .to_dtype(DType::F64)
             .unwrap();
         let sigmas = Scheduler::Shifted { shift: 3.0 }.sigmas(64, 1.0);
-        let out = sample(
-            SamplerKind::Heun,
-            &mut gaussian_field,
-            &x,
-            &sigmas,
-            &mut |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
-        let v: Vec<f64> = out.latent.to_vec1().unwrap();
-        let n = v.len() as f64;
-        let mean = v.iter().sum::<f64>() / n;
-        let std = (v.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / n).sqrt();
+        let out = unobserved(SamplerKind::Heun, &mut gaussian_field, &x, &sigmas).unwrap();
+        let (mean, std) = mean_and_std(&out.latent);
         assert!((mean - MEAN).abs() < 0.01, "mean {mean}");
         assert!((std - STD).abs() < 0.01, "std {std}");
         // The exact path is x(σ) = (1−σ)·μ + g(σ)·z with g = √(σ² + (1−σ)²s²): two nearly
@@ -357,6 +474,63 @@ mod tests {
     }
 
     #[test]
+    fn euler_ancestral_draws_the_target_gaussian_and_is_reproducible() {
+        let x = gaussian(12, (2, 20_000), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let sigmas = Scheduler::Shifted { shift: 3.0 }.sigmas(200, 1.0);
+        let noise = FreshNoise {
+            eta: 1.0,
+            seeds: vec![5, 6],
+        };
+        let run =
+            |noise: &FreshNoise| run_to_end(SamplerKind::EulerAncestral, &x, &sigmas, noise).latent;
+        let out = run(&noise);
+        let (mean, std) = mean_and_std(&out);
+        assert!((mean - MEAN).abs() < 0.01, "mean {mean}");
+        assert!((std - STD).abs() < 0.02, "std {std}");
+
+        let again = run(&noise);
+        assert_eq!(l2_norm(&(&again - &out).unwrap()).unwrap(), 0.0);
+        // Each image's noise comes from its own seed alone: the first image is the same with
+        // another second seed, and the fresh noise moved it away from the ODE's endpoint.
+        let other = run(&FreshNoise {
+            eta: 1.0,
+            seeds: vec![5, 7],
+        });
+        let first = |t: &Tensor| t.get(0).unwrap();
+        assert_eq!(
+            l2_norm(&(first(&other) - first(&out)).unwrap()).unwrap(),
+            0.0
+        );
+        let second = |t: &Tensor| t.get(1).unwrap();
+        assert!(l2_norm(&(second(&other) - second(&out)).unwrap()).unwrap() > 1.0);
+        let ode = unobserved(SamplerKind::Euler, &mut gaussian_field, &x, &sigmas)
+            .unwrap()
+            .latent;
+        assert!(l2_norm(&(&ode - &out).unwrap()).unwrap() > 1.0);
+
+        let wrong = FreshNoise {
+            eta: 1.0,
+            seeds: vec![5],
+        };
+        let err = sample(
+            SamplerKind::EulerAncestral,
+            &mut gaussian_field,
+            &x,
+            &sigmas,
+            &wrong,
+            &mut |_| ControlFlow::Continue(()),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("1 noise seeds for a batch of 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn records_carry_sigma_canvas_and_clean_estimate() {
         let x = start(64);
         let sigmas = Scheduler::Simple.sigmas(4, 1.0);
@@ -366,6 +540,7 @@ mod tests {
             &mut gaussian_field,
             &x,
             &sigmas,
+            &FreshNoise::none(),
             &mut |r| {
                 records.push(r.clone());
                 ControlFlow::Continue(())
@@ -389,10 +564,7 @@ mod tests {
         let direction = start(16).affine(-1.0, 0.3).unwrap();
         let mut field = |_: &Tensor, _: f64| Ok(direction.clone());
         let sigmas = Scheduler::Shifted { shift: 2.0 }.sigmas(7, 1.0);
-        let out = sample(SamplerKind::Euler, &mut field, &x, &sigmas, &mut |_| {
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+        let out = unobserved(SamplerKind::Euler, &mut field, &x, &sigmas).unwrap();
         assert!((out.straightness - 1.0).abs() < 1e-12);
         let mut zigzag = |x: &Tensor, sigma: f64| {
             let sign = if (sigma * 10.0).round() as i64 % 2 == 0 {
@@ -402,12 +574,11 @@ mod tests {
             };
             Ok(x.ones_like()?.affine(sign, 0.0)?)
         };
-        let out = sample(
+        let out = unobserved(
             SamplerKind::Euler,
             &mut zigzag,
             &x,
             &Scheduler::Simple.sigmas(10, 1.0),
-            &mut |_| ControlFlow::Continue(()),
         )
         .unwrap();
         assert!(out.straightness < 0.5, "straightness {}", out.straightness);
@@ -425,10 +596,7 @@ mod tests {
                 v
             })
         };
-        let err = sample(SamplerKind::Euler, &mut field, &x, &sigmas, &mut |_| {
-            ControlFlow::Continue(())
-        })
-        .unwrap_err();
+        let err = unobserved(SamplerKind::Euler, &mut field, &x, &sigmas).unwrap_err();
         assert_eq!(
             err.to_string(),
             "diverged at step 4 of 8 (σ=0.6250): the predicted velocity contains NaN or infinite values"
@@ -440,10 +608,7 @@ mod tests {
         let x = start(8);
         let sigmas = Scheduler::Simple.sigmas(8, 1.0);
         let mut field = |x: &Tensor, _: f64| Ok(x.affine(-1e3, 0.0)?);
-        let err = sample(SamplerKind::Euler, &mut field, &x, &sigmas, &mut |_| {
-            ControlFlow::Continue(())
-        })
-        .unwrap_err();
+        let err = unobserved(SamplerKind::Euler, &mut field, &x, &sigmas).unwrap_err();
         let SampleError::Diverged { step, reason, .. } = &err else {
             panic!("{err}")
         };
@@ -460,13 +625,20 @@ mod tests {
             evaluations += 1;
             gaussian_field(x, sigma)
         };
-        let err = sample(SamplerKind::Euler, &mut field, &x, &sigmas, &mut |r| {
-            if r.index == 3 {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
+        let err = sample(
+            SamplerKind::Euler,
+            &mut field,
+            &x,
+            &sigmas,
+            &FreshNoise::none(),
+            &mut |r| {
+                if r.index == 3 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        )
         .unwrap_err();
         assert!(matches!(
             err,

@@ -2,7 +2,7 @@
 //! every step.
 
 use super::{NodeContext, NodeDef, NodeEvent, NodeSpec, ParamSpec, PortSpec};
-use crate::flow::sampler::{SamplerKind, sample};
+use crate::flow::sampler::{FreshNoise, SamplerKind, sample};
 use crate::flow::schedule::{FLUX_BASE_SHIFT, FLUX_MAX_SHIFT, Scheduler};
 use crate::graph::PortType;
 use crate::graph::value::{Latent, Value};
@@ -34,6 +34,14 @@ pub fn definition() -> NodeDef {
                     "how σ falls over the steps",
                 ),
                 ParamSpec::int("steps", 1, 1000, 16, "number of steps"),
+                ParamSpec::float(
+                    "eta",
+                    0.0,
+                    1.0,
+                    1.0,
+                    "euler_ancestral: share of each step redrawn as fresh noise",
+                ),
+                ParamSpec::seed("noise_seed", "euler_ancestral: seed of the fresh noise"),
                 ParamSpec::float(
                     "shift",
                     0.01,
@@ -80,9 +88,18 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
     let sigmas = scheduler.sigmas(ctx.int("steps") as usize, start.sigma);
     let preview = guider.model.preview().clone();
     let mut field = |x: &candle_core::Tensor, sigma: f64| guider.velocity(x, sigma);
-    let output = sample(kind, &mut field, &start.tensor, &sigmas, &mut |record| {
-        ctx.emit(NodeEvent::Step(record.clone(), preview.clone()))
-    })?;
+    let noise = FreshNoise {
+        eta: ctx.float("eta"),
+        seeds: vec![ctx.int("noise_seed") as u64; start.tensor.dim(0)?],
+    };
+    let output = sample(
+        kind,
+        &mut field,
+        &start.tensor,
+        &sigmas,
+        &noise,
+        &mut |record| ctx.emit(NodeEvent::Step(record.clone(), preview.clone())),
+    )?;
     let latent = output.latent.clone();
     let _ = ctx.emit(NodeEvent::Trajectory(output));
     Ok(vec![Value::Latent(Latent {
