@@ -18,7 +18,9 @@
 //! ([`ConvHead`]), which a run can add to a trained network, has since made the outline follow
 //! the shape word about half the time. Coarser scales for that head ([`CoarseScale`],
 //! U-Net style) gave no measurable gain in a trial of 2 000 steps, so the shipped head works
-//! at latent resolution only.
+//! at latent resolution only. Nor did more depth, resumed from the shipped weights: two more
+//! head blocks (3 900 steps: 64.5 % adherence against 63.5 % on 400 held-out prompts) or two
+//! more DiT blocks (1 500 steps: 64 % against 65.5 % on 200).
 //! Sizes come from [`NetworkConfig`], stored beside the weights.
 
 use candle_core::{D, DType, Device, Module, Tensor};
