@@ -65,7 +65,7 @@ pub struct FreshNoise {
     /// Euler step; 1 (ComfyUI's default) goes down to σ_next²/σ.
     pub eta: f64,
     /// One seed per image of the batch, so an image's noise does not depend on the batch it
-    /// is generated in; step k draws from [`FreshNoise::step_seed`].
+    /// is generated in; each step draws from its own mix of the seed and the step's index.
     pub seeds: Vec<u64>,
 }
 
@@ -78,9 +78,10 @@ impl FreshNoise {
         }
     }
 
-    /// The seed of the noise added at step `step` to the image seeded `seed`: a fixed
-    /// bijective mix (SplitMix64's finaliser) of both, so no two steps or images share noise.
-    pub fn step_seed(seed: u64, step: usize) -> u64 {
+    /// The seed of the noise added at step `step` to the image seeded `seed`: the seed XOR an
+    /// odd multiple of the step, through SplitMix64's (bijective) finaliser, so the steps of
+    /// one image never share noise, and neighbouring seeds give unrelated noise.
+    fn step_seed(seed: u64, step: usize) -> u64 {
         let mut z = seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

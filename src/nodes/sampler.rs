@@ -88,9 +88,12 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
     let sigmas = scheduler.sigmas(ctx.int("steps") as usize, start.sigma);
     let preview = guider.model.preview().clone();
     let mut field = |x: &candle_core::Tensor, sigma: f64| guider.velocity(x, sigma);
+    let noise_seed = ctx.int("noise_seed") as u64;
     let noise = FreshNoise {
         eta: ctx.float("eta"),
-        seeds: vec![ctx.int("noise_seed") as u64; start.tensor.dim(0)?],
+        seeds: (0..start.tensor.dim(0)? as u64)
+            .map(|image| noise_seed + image)
+            .collect(),
     };
     let output = sample(
         kind,
