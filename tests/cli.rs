@@ -134,6 +134,26 @@ fn bad_parameters_exit_2() {
     ]);
     assert_bad_input(&output, "node \"prompt\" failed");
     assert!(!Path::new(&dir.path().join("flowline_00001.png")).exists());
+
+    let run = dir.path().join("run");
+    let run = run.to_str().unwrap();
+    assert_bad_input(
+        &flowline(&["train", "--out", run, "--resume", "--latent-whitening", "1"]),
+        "a resumed run keeps its own",
+    );
+    assert_bad_input(
+        &flowline(&[
+            "train",
+            "--out",
+            run,
+            "--preset",
+            "tiny",
+            "--latent-whitening",
+            "2",
+        ]),
+        "the latent whitening must be between 0 and 1, not 2",
+    );
+    assert!(!Path::new(run).exists());
 }
 
 /// Runs `flowline eval` with `args` and `--json`; returns the JSON report and what it printed.

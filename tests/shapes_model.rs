@@ -378,25 +378,67 @@ fn a_bad_model_path_fails_the_load_node_as_bad_input() {
     assert!(message.contains("/no/such/model/config.json"), "{message}");
 }
 
-#[test]
-fn decoding_an_encoded_picture_gives_it_back() {
-    let dir = tempfile::tempdir().unwrap();
-    train_tiny(dir.path(), 1);
-    let model = ShapesModel::load(dir.path(), &Device::Cpu).unwrap();
+/// Mean absolute error, in 1/255, of a held-out picture encoded and decoded by the model in
+/// `folder`.
+fn round_trip_error(folder: &Path) -> f64 {
+    let model = ShapesModel::load(folder, &Device::Cpu).unwrap();
     let picture = flowline::dataset::sample(5, 0).image;
     let latent = model
         .encode_image(&flowline::model::tensor_from_image(&picture).unwrap())
         .unwrap();
     assert_eq!(latent.dims(), [1, 16, 16, 16]);
     let back = image_from_tensor(&model.decode(&latent).unwrap()).unwrap();
-    let error: f64 = back
-        .as_raw()
+    back.as_raw()
         .iter()
         .zip(picture.as_raw())
         .map(|(a, b)| (*a as f64 - *b as f64).abs())
         .sum::<f64>()
-        / picture.as_raw().len() as f64;
+        / picture.as_raw().len() as f64
+}
+
+#[test]
+fn decoding_an_encoded_picture_gives_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), 1);
+    let error = round_trip_error(dir.path());
     assert!(error < 4.0, "mean absolute error {error}/255");
+}
+
+#[test]
+fn a_whitened_run_keeps_its_latent_space_when_saved_loaded_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = TrainSettings::tiny();
+    settings.latent_whitening = 1.0;
+    let mut trainer = Trainer::new(settings, &Device::Cpu).unwrap();
+    assert!(trainer.train_step(0).unwrap().is_finite());
+    trainer.save(dir.path(), "test").unwrap();
+    let config_path = dir.path().join("config.json");
+    let read_config = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap()
+    };
+    let scales = read_config()["autoencoder"]["channel_scales"].clone();
+    let values = scales.as_array().expect("channel scales are stored");
+    assert_eq!(values.len(), 16);
+    assert!(
+        values.first().unwrap().as_f64() < values.last().unwrap().as_f64(),
+        "the faint last channel is scaled up more than the first: {scales}"
+    );
+    let error = round_trip_error(dir.path());
+    assert!(error < 4.0, "mean absolute error {error}/255");
+
+    let resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
+    assert_eq!(resumed.settings().latent_whitening, 1.0);
+    resumed.save(dir.path(), "test").unwrap();
+    assert_eq!(read_config()["autoencoder"]["channel_scales"], scales);
+
+    let mut config = read_config();
+    config["autoencoder"]["channel_scales"] = serde_json::json!([1.0, 2.0, 3.0]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("autoencoder.channel_scales has 3 entries, expected 16"),
+        "{err}"
+    );
 }
 
 #[test]

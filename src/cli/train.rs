@@ -81,6 +81,11 @@ pub struct TrainArgs {
     /// it from now on).
     #[arg(long, value_name = "COUNT")]
     posterior_references: Option<usize>,
+    /// How far a new run whitens its latent channels: 0, one scale for all; 1, each channel to
+    /// unit deviation, so the edge channels are not drowned by noise long after the mean colours
+    /// (a run keeps the latent space it started with).
+    #[arg(long, value_name = "W")]
+    latent_whitening: Option<f64>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
@@ -93,6 +98,12 @@ pub fn train(args: TrainArgs) -> ExitCode {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let device = candle_core::Device::Cpu;
     let trainer = if args.resume {
+        if args.latent_whitening.is_some() {
+            return fail(
+                EXIT_BAD_INPUT,
+                "--latent-whitening sets a new run's latent space; a resumed run keeps its own",
+            );
+        }
         Trainer::resume(
             &args.out,
             &device,
@@ -119,6 +130,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
         }
         if let Some(depth) = args.depth {
             settings.network.depth = depth;
+        }
+        if let Some(whitening) = args.latent_whitening {
+            settings.latent_whitening = whitening;
         }
         Trainer::new(settings, &device)
     };

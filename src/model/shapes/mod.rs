@@ -71,6 +71,10 @@ pub struct ShapesConfig {
 pub struct AutoencoderConfig {
     pub scale: f64,
     pub shift: f64,
+    /// Per-channel factors of a whitened latent space (see [`autoencoder`]); absent in files
+    /// of one scale for all channels.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub channel_scales: Vec<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,17 +170,23 @@ impl ShapesModel {
                 .cloned()
                 .with_context(|| format!("missing tensor {name}"))
         };
-        let autoencoder = PatchAutoencoder {
-            mean: tensor("autoencoder.mean")?,
-            encoder: tensor("autoencoder.encoder")?,
-            scale: config.autoencoder.scale,
-            shift: config.autoencoder.shift,
-        };
+        let autoencoder = PatchAutoencoder::from_parts(
+            tensor("autoencoder.mean")?,
+            tensor("autoencoder.encoder")?,
+            &config.autoencoder,
+        );
         let expected = [autoencoder::PATCH_VALUES, config.network.latent_channels];
         anyhow::ensure!(
             autoencoder.encoder.dims() == expected,
             "tensor autoencoder.encoder has shape {:?}, expected {expected:?}",
             autoencoder.encoder.dims()
+        );
+        let scales = &config.autoencoder.channel_scales;
+        anyhow::ensure!(
+            scales.is_empty() || scales.len() == config.network.latent_channels,
+            "autoencoder.channel_scales has {} entries, expected {} (one per latent channel)",
+            scales.len(),
+            config.network.latent_channels
         );
         let networks = Networks::new(
             &config.network,

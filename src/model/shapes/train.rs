@@ -85,6 +85,10 @@ pub struct TrainSettings {
     /// runs): one picture.
     #[serde(default)]
     pub posterior_references: usize,
+    /// How far the autoencoder whitens its latent channels (see
+    /// [`PatchAutoencoder::fit`]): 0 (older runs) one scale for all, 1 each to unit deviation.
+    #[serde(default)]
+    pub latent_whitening: f64,
 }
 
 /// How training draws the time `t` ∈ (0, 1) that the σ shift warps into a noise level.
@@ -173,6 +177,7 @@ impl TrainSettings {
             uniform_sigma_share: 0.1,
             time_sampling: TimeSampling::LogitNormal,
             posterior_references: 0,
+            latent_whitening: 0.0,
         }
     }
 }
@@ -321,13 +326,14 @@ impl Trainer {
             settings.autoencoder_images,
             device,
         )?;
-        let autoencoder = PatchAutoencoder::fit(&fit_images, settings.network.latent_channels)?;
+        let autoencoder = PatchAutoencoder::fit(
+            &fit_images,
+            settings.network.latent_channels,
+            settings.latent_whitening,
+        )?;
         let preview = autoencoder.fit_preview(&fit_images)?;
         let state = CheckpointState {
-            autoencoder: AutoencoderConfig {
-                scale: autoencoder.scale,
-                shift: autoencoder.shift,
-            },
+            autoencoder: autoencoder.config(),
             preview: PreviewConfig {
                 matrix: preview.matrix.clone(),
                 bias: preview.bias,
@@ -374,12 +380,11 @@ impl Trainer {
                 .cloned()
                 .with_context(|| format!("{} has no tensor {name}", tensors_path.display()))
         };
-        let autoencoder = PatchAutoencoder {
-            mean: tensor("autoencoder.mean")?,
-            encoder: tensor("autoencoder.encoder")?,
-            scale: state.autoencoder.scale,
-            shift: state.autoencoder.shift,
-        };
+        let autoencoder = PatchAutoencoder::from_parts(
+            tensor("autoencoder.mean")?,
+            tensor("autoencoder.encoder")?,
+            &state.autoencoder,
+        );
         let new_network = state.settings.network.clone();
         let mut trainer = Self::assemble(state, autoencoder, Some((&tensors, &added)), device)?;
         trainer.note_change("conv_head", old_network.conv_head, new_network.conv_head);
@@ -645,10 +650,7 @@ impl Trainer {
             checkpoint.insert(format!("{RAW_PREFIX}{name}"), var.as_detached_tensor());
         }
         save_safetensors(&checkpoint, &folder.join(CHECKPOINT_FILE))?;
-        let autoencoder = AutoencoderConfig {
-            scale: self.autoencoder.scale,
-            shift: self.autoencoder.shift,
-        };
+        let autoencoder = self.autoencoder.config();
         let preview = PreviewConfig {
             matrix: self.preview.matrix.clone(),
             bias: self.preview.bias,
