@@ -13,6 +13,10 @@
 //! decided the outline, and they weigh almost nothing in the training loss. A run can
 //! therefore whiten the channels as well ([`PatchAutoencoder::fit`]'s `whitening`): channel
 //! `c` is also multiplied by `std_c^−w`, so at `w = 1` every channel has unit deviation.
+//! In a trial of two fresh runs side by side (default preset, learning rate 0.001, 3 340
+//! steps each, 200 held-out prompts, rescaled CFG 4 over σ ∈ [0.3, 1], 16 Euler steps), the
+//! whitened run placed the object right 76 % of the time against 18 %, and its size 54 %
+//! against 42 %; neither had learnt the shape word yet (14 % and 11 %, chance is 12.5 %).
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
