@@ -86,15 +86,16 @@ impl PatchAutoencoder {
         let encoder = Tensor::from_vec(directions, (PATCH_VALUES, channels), &Device::Cpu)?;
         let raw = centred.matmul(&encoder)?;
         let shift = raw.mean_all()?.to_scalar::<f64>()?;
-        let deviations: Vec<f64> = raw.var_keepdim(0)?.sqrt()?.flatten_all()?.to_vec1()?;
         let channel_scales: Vec<f64> = if whitening == 0.0 {
             Vec::new()
         } else {
+            let deviations: Vec<f64> = raw.var_keepdim(0)?.sqrt()?.flatten_all()?.to_vec1()?;
             deviations.iter().map(|d| d.powf(-whitening)).collect()
         };
-        let weighted = match channel_scales.is_empty() {
-            true => raw.clone(),
-            false => raw.broadcast_mul(&Tensor::new(channel_scales.as_slice(), &Device::Cpu)?)?,
+        let weighted = if channel_scales.is_empty() {
+            raw
+        } else {
+            raw.broadcast_mul(&Tensor::new(channel_scales.as_slice(), &Device::Cpu)?)?
         };
         let variance = weighted
             .broadcast_sub(&Tensor::new(shift, &Device::Cpu)?)?
