@@ -233,6 +233,7 @@ fn patchify(images: &Tensor) -> candle_core::Result<Tensor> {
 mod tests {
     use super::*;
     use crate::dataset::sample;
+    use crate::model::shapes::max_difference;
     use crate::model::tensor_from_image;
 
     fn images(seed: u64, count: u64) -> Tensor {
@@ -312,15 +313,8 @@ mod tests {
             );
         }
         let held_out = images(2, 16);
-        let difference = (white.decode(&white.encode(&held_out).unwrap()).unwrap()
-            - plain.decode(&plain.encode(&held_out).unwrap()).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+        let round_trip = |ae: &PatchAutoencoder| ae.decode(&ae.encode(&held_out).unwrap()).unwrap();
+        let difference = max_difference(&round_trip(&white), &round_trip(&plain));
         assert!(difference < 1e-4, "decodes differ by {difference}");
         let stored = PatchAutoencoder::from_parts(
             white.mean.clone(),

@@ -320,3 +320,11 @@ impl FlowModel for ShapesModel {
         })
     }
 }
+
+/// The largest absolute difference between two tensors of the same shape (for tests).
+#[cfg(test)]
+fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .unwrap()
+}

@@ -796,6 +796,7 @@ impl Networks {
 mod tests {
     use super::*;
     use crate::flow::noise::gaussian;
+    use crate::model::shapes::max_difference;
 
     #[test]
     fn local_mixing_is_a_zero_padded_depthwise_convolution() {
@@ -835,14 +836,7 @@ mod tests {
             .unwrap()
             .transpose(1, 2)
             .unwrap();
-        let difference = (mixed - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let difference = max_difference(&mixed, &reference);
         assert!(difference < 1e-5, "differs by {difference}");
     }
 

@@ -799,12 +799,7 @@ fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::R
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap()
-    }
+    use crate::model::shapes::max_difference;
 
     #[test]
     fn uniform_times_train_the_first_sampling_steps_as_often_as_they_are_sampled() {
