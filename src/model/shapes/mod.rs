@@ -6,6 +6,7 @@
 //! through the same Load Model path as every other family.
 
 pub mod autoencoder;
+mod layers;
 pub mod network;
 pub mod tokenizer;
 pub mod train;

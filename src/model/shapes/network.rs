@@ -24,7 +24,9 @@
 //! Sizes come from [`NetworkConfig`], stored beside the weights.
 
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, Embedding, Init, VarBuilder};
+
+use super::layers::{Conv3x3, Dense, LocalMixing, repeat_rows};
 use serde::{Deserialize, Serialize};
 
 /// Sizes of both networks. A field this version does not know is refused rather than skipped:
@@ -157,24 +159,17 @@ impl LayerNorm {
     }
 }
 
-/// A linear layer whose weights start at zero (adaLN-Zero and the output projection).
-fn zero_linear(inputs: usize, outputs: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    let weight = vb.get_with_hints((outputs, inputs), "weight", Init::Const(0.0))?;
-    let bias = vb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
-    Ok(Linear::new(weight, Some(bias)))
-}
-
 struct Attention {
-    qkv: Linear,
-    out: Linear,
+    qkv: Dense,
+    out: Dense,
     heads: usize,
 }
 
 impl Attention {
     fn new(dim: usize, heads: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Attention {
-            qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
-            out: candle_nn::linear(dim, dim, vb.pp("out"))?,
+            qkv: Dense::new(dim, 3 * dim, vb.pp("qkv"))?,
+            out: Dense::new(dim, dim, vb.pp("out"))?,
             heads,
         })
     }
@@ -201,16 +196,16 @@ impl Attention {
 }
 
 struct Mlp {
-    up: Linear,
-    down: Linear,
+    up: Dense,
+    down: Dense,
     activation: Activation,
 }
 
 impl Mlp {
     fn new(dim: usize, config: &NetworkConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Mlp {
-            up: candle_nn::linear(dim, dim * config.mlp_ratio, vb.pp("up"))?,
-            down: candle_nn::linear(dim * config.mlp_ratio, dim, vb.pp("down"))?,
+            up: Dense::new(dim, dim * config.mlp_ratio, vb.pp("up"))?,
+            down: Dense::new(dim * config.mlp_ratio, dim, vb.pp("down"))?,
             activation: config.activation,
         })
     }
@@ -225,59 +220,6 @@ impl Mlp {
     }
 }
 
-/// A 3×3 depthwise convolution over the image tokens' grid, with zero padding at the border.
-///
-/// Written as one matrix product with the nine fixed shift matrices of the grid (each
-/// channel's tokens times `[tokens, 9·tokens]`) and a weighted sum of the nine shifted copies:
-/// on the CPU this is several times faster than nine strided slices of a padded grid.
-struct LocalMixing {
-    /// `[channels, 9, 1]`, the kernel of each channel in row-major order.
-    kernel: Tensor,
-    bias: Tensor,
-    /// `[tokens, 9·tokens]`: column `tap·tokens + t` picks the token that tap reads for `t`.
-    shifts: Tensor,
-}
-
-impl LocalMixing {
-    fn new(channels: usize, side: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let tokens = side * side;
-        let mut shifts = vec![0f32; tokens * 9 * tokens];
-        for tap in 0..9 {
-            let (dy, dx) = ((tap / 3) as isize - 1, (tap % 3) as isize - 1);
-            for y in 0..side as isize {
-                for x in 0..side as isize {
-                    let (from_y, from_x) = (y + dy, x + dx);
-                    let inside = (0..side as isize).contains(&from_y)
-                        && (0..side as isize).contains(&from_x);
-                    if inside {
-                        let from = (from_y * side as isize + from_x) as usize;
-                        let to = (y * side as isize + x) as usize;
-                        shifts[from * 9 * tokens + tap * tokens + to] = 1.0;
-                    }
-                }
-            }
-        }
-        Ok(LocalMixing {
-            kernel: vb.get_with_hints((channels, 9, 1), "weight", Init::Const(0.0))?,
-            bias: vb.get_with_hints(channels, "bias", Init::Const(0.0))?,
-            shifts: Tensor::from_vec(shifts, (tokens, 9 * tokens), vb.device())?,
-        })
-    }
-
-    /// `[B, tokens, C]` row-major grid tokens to the same shape.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (batch, tokens, channels) = x.dims3()?;
-        x.transpose(1, 2)?
-            .reshape((batch * channels, tokens))?
-            .matmul(&self.shifts)?
-            .reshape((batch, channels, 9, tokens))?
-            .broadcast_mul(&self.kernel)?
-            .sum(2)?
-            .transpose(1, 2)?
-            .broadcast_add(&self.bias)
-    }
-}
-
 /// Normalisation over the channels of every latent position (`[B, C, H, W]`), without learned
 /// parameters.
 fn normalize_channels(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -286,42 +228,21 @@ fn normalize_channels(x: &Tensor) -> candle_core::Result<Tensor> {
     centred.broadcast_div(&(variance + NORM_EPS)?.sqrt()?)
 }
 
-/// A 3×3 convolution with zero padding, keeping the side.
-fn conv3x3(
-    inputs: usize,
-    outputs: usize,
-    init: Option<Init>,
-    vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    let config = Conv2dConfig {
-        padding: 1,
-        ..Conv2dConfig::default()
-    };
-    match init {
-        None => candle_nn::conv2d(inputs, outputs, 3, config, vb),
-        Some(init) => Ok(Conv2d::new(
-            vb.get_with_hints((outputs, inputs, 3, 3), "weight", init)?,
-            Some(vb.get_with_hints(outputs, "bias", init)?),
-            config,
-        )),
-    }
-}
-
 /// A residual block of two 3×3 convolutions, each after a normalisation modulated by the
 /// noise level and the pooled prompt (FiLM), the second starting at zero so the block starts
 /// as the identity.
 struct ConvBlock {
-    modulation: Linear,
-    first: Conv2d,
-    second: Conv2d,
+    modulation: Dense,
+    first: Conv3x3,
+    second: Conv3x3,
 }
 
 impl ConvBlock {
     fn new(channels: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(ConvBlock {
-            modulation: zero_linear(hidden, 4 * channels, vb.pp("modulation"))?,
-            first: conv3x3(channels, channels, None, vb.pp("first"))?,
-            second: conv3x3(channels, channels, Some(Init::Const(0.0)), vb.pp("second"))?,
+            modulation: Dense::zero(hidden, 4 * channels, vb.pp("modulation"))?,
+            first: Conv3x3::new(channels, channels, None, vb.pp("first"))?,
+            second: Conv3x3::new(channels, channels, Some(Init::Const(0.0)), vb.pp("second"))?,
         })
     }
 
@@ -354,17 +275,17 @@ impl ConvBlock {
 /// allows drew blobs for every shape word. Convolutions are the same at every place, so a
 /// shape's edges learnt in one place are drawn in all.
 pub struct ConvHead {
-    input: Conv2d,
+    input: Conv3x3,
     coarse: Option<CoarseScale>,
     blocks: Vec<ConvBlock>,
-    output: Conv2d,
+    output: Conv3x3,
 }
 
 impl ConvHead {
     fn new(config: &NetworkConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let channels = config.conv_head;
         Ok(ConvHead {
-            input: conv3x3(2 * config.latent_channels, channels, None, vb.pp("input"))?,
+            input: Conv3x3::new(2 * config.latent_channels, channels, None, vb.pp("input"))?,
             coarse: CoarseScale::chain(
                 channels,
                 config.conv_head_scales.saturating_sub(1),
@@ -374,7 +295,7 @@ impl ConvHead {
             blocks: (0..config.conv_head_blocks)
                 .map(|i| ConvBlock::new(channels, config.hidden, vb.pp(format!("blocks.{i}"))))
                 .collect::<candle_core::Result<_>>()?,
-            output: conv3x3(
+            output: Conv3x3::new(
                 channels,
                 config.latent_channels,
                 Some(Init::Const(0.0)),
@@ -418,7 +339,7 @@ struct CoarseScale {
     before: ConvBlock,
     coarser: Option<Box<CoarseScale>>,
     after: ConvBlock,
-    up: Conv2d,
+    up: Conv3x3,
 }
 
 impl CoarseScale {
@@ -444,7 +365,7 @@ impl CoarseScale {
             coarser: CoarseScale::chain(inner, count - 1, hidden, vb.pp(COARSE_SCALE_NAME))?
                 .map(Box::new),
             after: ConvBlock::new(inner, hidden, vb.pp("after"))?,
-            up: conv3x3(inner, channels, Some(Init::Const(0.0)), vb.pp("up"))?,
+            up: Conv3x3::new(inner, channels, Some(Init::Const(0.0)), vb.pp("up"))?,
         }))
     }
 
@@ -502,16 +423,16 @@ impl TextEncoder {
 }
 
 struct DitBlock {
-    modulation: Linear,
+    modulation: Dense,
     attention: Attention,
     mlp: Mlp,
     local_mixing: Option<LocalMixing>,
 }
 
-/// `x·(1 + scale) + shift` with `[B, D]` modulation broadcast over tokens.
+/// `x·(1 + scale) + shift` (`x` `[B, T, D]`) with `[B, D]` modulation the same for every token.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
+    let tokens = x.dim(1)?;
+    (x * repeat_rows(&(scale + 1.0)?, tokens)?)? + repeat_rows(shift, tokens)?
 }
 
 impl DitBlock {
@@ -527,7 +448,8 @@ impl DitBlock {
         let attended = self
             .attention
             .forward(&modulate(&normalize(x)?, &m[0], &m[1])?)?;
-        let x = (x + attended.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
+        let tokens = x.dim(1)?;
+        let x = (x + (attended * repeat_rows(&m[2], tokens)?)?)?;
         let inputs = modulate(&normalize(&x)?, &m[3], &m[4])?;
         let inputs = match &self.local_mixing {
             Some(local) => {
@@ -538,22 +460,22 @@ impl DitBlock {
             None => inputs,
         };
         let mixed = self.mlp.forward(&inputs)?;
-        &x + mixed.broadcast_mul(&m[5].unsqueeze(1)?)?
+        &x + (mixed * repeat_rows(&m[5], tokens)?)?
     }
 }
 
 /// The velocity network.
 pub struct VelocityNet {
     config: NetworkConfig,
-    patch_in: Linear,
+    patch_in: Dense,
     position: Tensor,
-    text_in: Linear,
-    pooled_in: Linear,
-    time_in: Linear,
-    time_out: Linear,
+    text_in: Dense,
+    pooled_in: Dense,
+    time_in: Dense,
+    time_out: Dense,
     blocks: Vec<DitBlock>,
-    final_modulation: Linear,
-    final_out: Linear,
+    final_modulation: Dense,
+    final_out: Dense,
     conv_head: Option<ConvHead>,
 }
 
@@ -565,7 +487,7 @@ impl VelocityNet {
             .map(|i| {
                 let vb = vb.pp(format!("blocks.{i}"));
                 Ok(DitBlock {
-                    modulation: zero_linear(hidden, 6 * hidden, vb.pp("modulation"))?,
+                    modulation: Dense::zero(hidden, 6 * hidden, vb.pp("modulation"))?,
                     attention: Attention::new(hidden, config.heads, vb.pp("attention"))?,
                     mlp: Mlp::new(hidden, config, vb.pp("mlp"))?,
                     local_mixing: config
@@ -583,7 +505,7 @@ impl VelocityNet {
             .collect::<candle_core::Result<_>>()?;
         Ok(VelocityNet {
             config: config.clone(),
-            patch_in: candle_nn::linear(
+            patch_in: Dense::new(
                 patch_values,
                 hidden - config.position_features,
                 vb.pp("patch_in"),
@@ -597,13 +519,13 @@ impl VelocityNet {
                 config.grid_position_period,
                 vb.device(),
             )?,
-            text_in: candle_nn::linear(config.text_dim, hidden, vb.pp("text_in"))?,
-            pooled_in: candle_nn::linear(config.text_dim, hidden, vb.pp("pooled_in"))?,
-            time_in: candle_nn::linear(TIME_FEATURES, hidden, vb.pp("time_in"))?,
-            time_out: candle_nn::linear(hidden, hidden, vb.pp("time_out"))?,
+            text_in: Dense::new(config.text_dim, hidden, vb.pp("text_in"))?,
+            pooled_in: Dense::new(config.text_dim, hidden, vb.pp("pooled_in"))?,
+            time_in: Dense::new(TIME_FEATURES, hidden, vb.pp("time_in"))?,
+            time_out: Dense::new(hidden, hidden, vb.pp("time_out"))?,
             blocks,
-            final_modulation: zero_linear(hidden, 2 * hidden, vb.pp("final_modulation"))?,
-            final_out: zero_linear(hidden, patch_values, vb.pp("final_out"))?,
+            final_modulation: Dense::zero(hidden, 2 * hidden, vb.pp("final_modulation"))?,
+            final_out: Dense::zero(hidden, patch_values, vb.pp("final_out"))?,
             conv_head: (config.conv_head > 0)
                 .then(|| ConvHead::new(config, vb.pp("conv_head")))
                 .transpose()?,
@@ -796,49 +718,6 @@ impl Networks {
 mod tests {
     use super::*;
     use crate::flow::noise::gaussian;
-    use crate::model::shapes::max_difference;
-
-    #[test]
-    fn local_mixing_is_a_zero_padded_depthwise_convolution() {
-        let device = Device::Cpu;
-        let (batch, side, channels) = (2, 4, 3);
-        let varmap = candle_nn::VarMap::new();
-        let mut local = LocalMixing::new(
-            channels,
-            side,
-            VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        )
-        .unwrap();
-        local.kernel = gaussian(1, (channels, 9, 1), &device).unwrap();
-        local.bias = gaussian(2, channels, &device).unwrap();
-        let grid = gaussian(3, (batch, channels, side, side), &device).unwrap();
-        let tokens = grid
-            .flatten_from(2)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .contiguous()
-            .unwrap();
-
-        let mixed = local.forward(&tokens).unwrap();
-        let reference = grid
-            .conv2d(
-                &local.kernel.reshape((channels, 1, 3, 3)).unwrap(),
-                1,
-                1,
-                1,
-                channels,
-            )
-            .unwrap()
-            .broadcast_add(&local.bias.reshape((1, channels, 1, 1)).unwrap())
-            .unwrap()
-            .flatten_from(2)
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap();
-        let difference = max_difference(&mixed, &reference);
-        assert!(difference < 1e-5, "differs by {difference}");
-    }
 
     #[test]
     fn preconditioning_gives_the_network_unit_variance_input_and_target() {
