@@ -6,7 +6,9 @@
 //! guide. Then how much the sampling loop itself costs per step, apart from the model: the
 //! overhead is measured with a velocity field that costs nothing (it returns a tensor computed
 //! beforehand), so what remains is record keeping, norms, divergence checks and the update
-//! itself; the workflow model's own time per evaluation is measured separately.
+//! itself; the workflow model's own time per evaluation is measured separately. Last, what one
+//! training step of the shipped model's configuration costs (`flowline train`'s default preset,
+//! its batch of 32), the number that decides how far a CPU session of training gets.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -21,6 +23,7 @@ use flowline::flow::noise::gaussian;
 use flowline::flow::sampler::{FreshNoise, SamplerKind, sample};
 use flowline::flow::schedule::Scheduler;
 use flowline::graph::ParamValue;
+use flowline::model::shapes::train::{TrainSettings, Trainer};
 use flowline::model::{FAMILY_NAMES, LoadRequest, family};
 use flowline::nodes::RunEnv;
 use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
@@ -187,5 +190,22 @@ fn run(args: &BenchArgs, workflow: &Workflow) -> anyhow::Result<()> {
     println!("Model time per evaluation, for comparison");
     println!("{:<10} {:>14}", "model", "time/eval");
     println!("{:<10} {:>11.1} µs", family.name, seconds * 1e6);
+
+    let settings = TrainSettings::default_model();
+    let batch = settings.batch;
+    let mut trainer = Trainer::new(settings, &Device::Cpu)?;
+    trainer.train_step(0)?;
+    let mut steps = 1;
+    let seconds = median_seconds(args.repeats, || {
+        trainer.train_step(steps)?;
+        steps += 1;
+        Ok(())
+    })?;
+    println!();
+    println!(
+        "Training step of the shapes model (train's default preset, batch {batch}), median of {}",
+        args.repeats
+    );
+    println!("{:<24} {:>10}", "time/step", format!("{seconds:.3} s"));
     Ok(())
 }
