@@ -47,7 +47,7 @@ enum Command {
     },
     /// Runs a workflow headless and prints the paths of the images it writes.
     Run(cli::run::RunArgs),
-    /// Times the default workflow end to end, and the sampler's per-step overhead apart from model time.
+    /// Times the default workflow end to end, the sampler's per-step overhead apart from model time, and a training step.
     Bench(cli::bench::BenchArgs),
     /// Writes a labelled sample grid of the procedural shapes data set.
     Dataset(cli::dataset::DatasetArgs),
