@@ -11,6 +11,19 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+/// How candle-nn's `linear` and `conv2d` initialise the weight and the bias of a layer with
+/// `inputs` input channels, so a new run starts as it did with those layers.
+fn candle_nn_initialisation(inputs: usize) -> (Init, Init) {
+    let bound = 1.0 / (inputs as f64).sqrt();
+    (
+        candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        Init::Uniform {
+            lo: -bound,
+            up: bound,
+        },
+    )
+}
+
 /// A fully connected layer, `x·Wᵀ + b` over the last axis, with its weights named and shaped
 /// as candle-nn's `Linear` keeps them (`weight` `[outputs, inputs]`, `bias` `[outputs]`).
 ///
@@ -26,21 +39,10 @@ pub(super) struct Dense {
 impl Dense {
     /// Initialised as candle-nn's `linear` initialises a layer.
     pub(super) fn new(inputs: usize, outputs: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        let bound = 1.0 / (inputs as f64).sqrt();
+        let (weight_init, bias_init) = candle_nn_initialisation(inputs);
         Ok(Dense {
-            weight: vb.get_with_hints(
-                (outputs, inputs),
-                "weight",
-                candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            )?,
-            bias: vb.get_with_hints(
-                outputs,
-                "bias",
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?,
+            weight: vb.get_with_hints((outputs, inputs), "weight", weight_init)?,
+            bias: vb.get_with_hints(outputs, "bias", bias_init)?,
         })
     }
 
@@ -145,15 +147,8 @@ impl Conv3x3 {
         init: Option<Init>,
         vb: VarBuilder,
     ) -> candle_core::Result<Self> {
-        let bound = 1.0 / (inputs as f64).sqrt();
         let (weight_init, bias_init) = match init {
-            None => (
-                candle_nn::init::DEFAULT_KAIMING_NORMAL,
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            ),
+            None => candle_nn_initialisation(inputs),
             Some(init) => (init, init),
         };
         Ok(Conv3x3 {

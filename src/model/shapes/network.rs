@@ -25,9 +25,9 @@
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Embedding, Init, VarBuilder};
+use serde::{Deserialize, Serialize};
 
 use super::layers::{Conv3x3, Dense, LocalMixing, repeat_rows};
-use serde::{Deserialize, Serialize};
 
 /// Sizes of both networks. A field this version does not know is refused rather than skipped:
 /// it is a part of the network that would otherwise be left out without a word.
