@@ -153,6 +153,18 @@ fn bad_parameters_exit_2() {
         ]),
         "the latent whitening must be between 0 and 1, not 2",
     );
+    assert_bad_input(
+        &flowline(&[
+            "train",
+            "--out",
+            run,
+            "--preset",
+            "tiny",
+            "--loss-balance",
+            "1.5",
+        ]),
+        "the loss balance must be between 0 and 1, not 1.5",
+    );
     assert!(!Path::new(run).exists());
 }
 

@@ -51,6 +51,7 @@ fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
     assert_eq!(resumed.settings().posterior_references, 4);
     resumed.set_posterior_references(0);
     resumed.set_time_sampling(TimeSampling::Uniform);
+    resumed.set_loss_balance(1.0);
     assert!(resumed.train_step(0).unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
     let config: serde_json::Value =
@@ -60,9 +61,36 @@ fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
     for change in [
         "from step 120: posterior_references 0 (was 4)",
         "from step 120: time_sampling uniform (was logit_normal)",
+        "from step 120: loss_balance 1 (was 0)",
     ] {
         assert!(notes.contains(change), "{notes}");
     }
+}
+
+#[test]
+fn a_balanced_loss_lowers_the_loss_and_keeps_its_band_means_across_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = TrainSettings::tiny();
+    settings.loss_balance = 1.0;
+    let mut trainer = Trainer::new(settings, &Device::Cpu).unwrap();
+    let losses: Vec<f32> = (0..120).map(|i| trainer.train_step(i).unwrap()).collect();
+    let (first, last) = (mean(&losses[..20]), mean(&losses[100..]));
+    assert!(last < 0.8 * first, "loss went from {first} to {last}");
+    trainer.save(dir.path(), "test").unwrap();
+
+    let band_means = |folder: &Path| {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("checkpoint.json")).unwrap())
+                .unwrap();
+        state["loss_by_sigma"]["means"].clone()
+    };
+    let saved = band_means(dir.path());
+    assert_eq!(saved.as_array().unwrap().len(), 20, "{saved}");
+    let resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
+    assert_eq!(resumed.settings().loss_balance, 1.0);
+    let again = tempfile::tempdir().unwrap();
+    resumed.save(again.path(), "test").unwrap();
+    assert_eq!(band_means(again.path()), saved);
 }
 
 #[test]

@@ -86,9 +86,26 @@ pub struct TrainArgs {
     /// (a run keeps the latent space it started with).
     #[arg(long, value_name = "W")]
     latent_whitening: Option<f64>,
+    /// How far each noise level's share of the gradient is evened out: 0, the plain mean squared
+    /// error; 1, every picture's error divided by the running mean loss at its σ, so every noise
+    /// level weighs alike (on --resume: changes it from now on).
+    #[arg(long, value_name = "P", value_parser = balance_power)]
+    loss_balance: Option<f64>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
+}
+
+/// A `--loss-balance` power, between 0 and 1.
+fn balance_power(text: &str) -> Result<f64, String> {
+    let power: f64 = text.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&power) {
+        Ok(power)
+    } else {
+        Err(format!(
+            "the loss balance must be between 0 and 1, not {power}"
+        ))
+    }
 }
 
 /// Steps per entry of the recorded loss history.
@@ -151,6 +168,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
     }
     if let Some(count) = args.posterior_references {
         trainer.set_posterior_references(count);
+    }
+    if let Some(balance) = args.loss_balance {
+        trainer.set_loss_balance(balance);
     }
     match run(&mut trainer, &args, &command) {
         Ok(()) => {
