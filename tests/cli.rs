@@ -141,30 +141,23 @@ fn bad_parameters_exit_2() {
         &flowline(&["train", "--out", run, "--resume", "--latent-whitening", "1"]),
         "a resumed run keeps its own",
     );
-    assert_bad_input(
-        &flowline(&[
-            "train",
-            "--out",
-            run,
-            "--preset",
-            "tiny",
+    for (flag, value, message) in [
+        (
             "--latent-whitening",
             "2",
-        ]),
-        "the latent whitening must be between 0 and 1, not 2",
-    );
-    assert_bad_input(
-        &flowline(&[
-            "train",
-            "--out",
-            run,
-            "--preset",
-            "tiny",
+            "the latent whitening must be between 0 and 1, not 2",
+        ),
+        (
             "--loss-balance",
             "1.5",
-        ]),
-        "the loss balance must be between 0 and 1, not 1.5",
-    );
+            "the loss balance must be between 0 and 1, not 1.5",
+        ),
+    ] {
+        assert_bad_input(
+            &flowline(&["train", "--out", run, "--preset", "tiny", flag, value]),
+            message,
+        );
+    }
     assert!(!Path::new(run).exists());
 }
 
