@@ -17,6 +17,11 @@ use flowline::model::{FlowModel, image_from_tensor};
 use flowline::nodes::RunEnv;
 use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
 
+/// The JSON file at `path`.
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// Trains the tiny configuration for `steps` steps and saves the run into `folder`.
 fn train_tiny(folder: &Path, steps: usize) {
     let mut trainer = Trainer::new(TrainSettings::tiny(), &Device::Cpu).unwrap();
@@ -60,9 +65,7 @@ fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
     resumed.set_loss_balance(1.0);
     assert!(resumed.train_step(0).unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&dir.path().join("config.json"));
     let notes = config["training"]["notes"].to_string();
     for change in [
         "from step 120: posterior_references 0 (was 4)",
@@ -81,10 +84,7 @@ fn a_balanced_loss_lowers_the_loss_and_keeps_its_band_means_across_a_resume() {
     train_until_the_loss_falls(settings, dir.path());
 
     let band_means = |folder: &Path| {
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(folder.join("checkpoint.json")).unwrap())
-                .unwrap();
-        state["loss_by_sigma"]["means"].clone()
+        read_json(&folder.join("checkpoint.json"))["loss_by_sigma"]["means"].clone()
     };
     let saved = band_means(dir.path());
     assert_eq!(saved.as_array().unwrap().len(), 20, "{saved}");
@@ -111,9 +111,7 @@ fn training_resumes_where_it_stopped() {
     assert!(checkpoint.keys().all(|name| !name.starts_with("ema.")));
     resumed.train_step(0).unwrap();
     assert_eq!(resumed.step_count(), 4);
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&dir.path().join("config.json"));
     assert_eq!(config["training"]["steps"], 3);
     assert_eq!(config["training"]["command"], "test");
 }
@@ -202,9 +200,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
     assert!(resumed.train_step(0).unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
-    let config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
-            .unwrap();
+    let config = read_json(&dir.path().join("config.json"));
     assert_eq!(config["network"]["conv_head"], 4);
     assert_eq!(config["network"]["conv_head_scales"], 3);
     assert_eq!(config["network"]["conv_head_blocks"], 4);
@@ -376,8 +372,7 @@ fn broken_model_files_are_named() {
     // A network part this version does not know (from a newer Flowline) is refused, not
     // skipped: the model would otherwise run without it.
     let config_path = dir.path().join("config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let mut config = read_json(&config_path);
     config["network"]["attention_pooling"] = serde_json::json!(true);
     std::fs::write(&config_path, config.to_string()).unwrap();
     let err = load_error(dir.path());
@@ -443,9 +438,7 @@ fn a_whitened_run_keeps_its_latent_space_when_saved_loaded_and_resumed() {
     assert!(trainer.train_step(0).unwrap().is_finite());
     trainer.save(dir.path(), "test").unwrap();
     let config_path = dir.path().join("config.json");
-    let read_config = || -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap()
-    };
+    let read_config = || read_json(&config_path);
     let scales = read_config()["autoencoder"]["channel_scales"].clone();
     let values = scales.as_array().expect("channel scales are stored");
     assert_eq!(values.len(), 16);
