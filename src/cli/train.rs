@@ -3,13 +3,11 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use flowline::model::shapes::train::{Growth, TimeSampling, TrainSettings, Trainer};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
+use super::{EXIT_BAD_INPUT, EXIT_FAILURE, TrainingSession, fail};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Preset {
@@ -187,21 +185,15 @@ pub fn train(args: TrainArgs) -> ExitCode {
 }
 
 fn run(trainer: &mut Trainer, args: &TrainArgs, command: &str) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let deadline = args
-        .minutes
-        .map(|m| started + Duration::from_secs_f64(m * 60.0));
-    let save_every = Duration::from_secs_f64(args.save_every * 60.0);
-    let mut last_save = Instant::now();
-    let progress = ProgressBar::new(args.steps as u64).with_style(
-        ProgressStyle::with_template("[{elapsed_precise}] [{bar:30}] {pos}/{len} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
+    let mut session = TrainingSession::new(
+        args.minutes,
+        args.save_every,
+        args.steps,
+        trainer.step_count(),
     );
-    progress.set_position(trainer.step_count() as u64);
     let (mut block_sum, mut block_count, mut smoothed) = (0.0f32, 0usize, None::<f32>);
     let mut session_steps = 0;
-    while trainer.step_count() < args.steps && deadline.is_none_or(|d| Instant::now() < d) {
+    while trainer.step_count() < args.steps && session.has_time() {
         let loss = trainer.train_step(session_steps)?;
         anyhow::ensure!(
             loss.is_finite(),
@@ -217,14 +209,15 @@ fn run(trainer: &mut Trainer, args: &TrainArgs, command: &str) -> anyhow::Result
             trainer.record_loss(block_sum / block_count as f32);
             (block_sum, block_count) = (0.0, 0);
         }
-        let rate = session_steps as f64 / started.elapsed().as_secs_f64();
-        progress.set_position(trainer.step_count() as u64);
-        progress.set_message(format!("loss {s:.4}, {rate:.2} steps/s"));
-        if last_save.elapsed() >= save_every {
+        let rate = session_steps as f64 / session.started.elapsed().as_secs_f64();
+        session.progress.set_position(trainer.step_count() as u64);
+        session
+            .progress
+            .set_message(format!("loss {s:.4}, {rate:.2} steps/s"));
+        if session.save_is_due() {
             trainer.save(&args.out, command)?;
-            last_save = Instant::now();
         }
     }
-    progress.finish_and_clear();
+    session.progress.finish_and_clear();
     trainer.save(&args.out, command)
 }
