@@ -22,7 +22,7 @@ use crate::flow::interpolate;
 use crate::flow::noise::gaussian;
 use crate::flow::sampler::{FreshNoise, SamplerKind, sample as run_sampler};
 use crate::flow::schedule::Scheduler;
-use crate::graph::value::{Autoguide, Guider};
+use crate::graph::value::{Autoguide, ClassifierGuide, Guider};
 use crate::model::{Conditioning, FlowModel, image_from_tensor, tensor_from_image};
 
 /// The data-set seed evaluation prompts are drawn from (training uses others).
@@ -64,6 +64,9 @@ pub struct EvalSettings {
     pub start_sigma: f64,
     /// The ancestral sampler's η (see [`FreshNoise`]); its noise is seeded by each case's seed.
     pub eta: f64,
+    /// Classifier guidance scale by the model's own caption classifier (0: off; see
+    /// [`ClassifierGuide`]).
+    pub classifier_scale: f64,
 }
 
 /// Correct verdicts among the cases that state an attribute.
@@ -107,6 +110,11 @@ pub fn evaluate(
     if let Some(weak) = weak {
         Autoguide::check_compatible(model.as_ref(), weak.model.as_ref())?;
     }
+    let classifier = |prompts: Vec<String>| ClassifierGuide {
+        prompts,
+        scale: settings.classifier_scale,
+    };
+    classifier(Vec::new()).check_available(model.as_ref())?;
     let negative = Arc::new(model.encode_prompt("")?);
     let encode_all = |model: &Arc<dyn FlowModel>| {
         cases
@@ -159,6 +167,9 @@ pub fn evaluate(
                     negative: Some(negative.clone()),
                     guidance: settings.guidance,
                     autoguide,
+                    classifier: Some(classifier(
+                        chunk.iter().map(|&i| cases[i].caption.text()).collect(),
+                    )),
                 };
                 let mut field = |x: &Tensor, sigma: f64| guider.velocity(x, sigma);
                 let sigmas = settings.scheduler.sigmas(steps, settings.start_sigma);

@@ -55,6 +55,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Trains the embedded shapes model.
     Train(cli::train::TrainArgs),
+    /// Trains a shapes model's caption classifier, for classifier guidance.
+    TrainClassifier(cli::train_classifier::TrainClassifierArgs),
     /// Lists models found in the Hugging Face cache and a ComfyUI-style models folder.
     Models(cli::models::ModelsArgs),
 }
@@ -68,6 +70,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => cli::bench::bench(args),
         Some(Command::Dataset(args)) => cli::dataset::dataset(args),
         Some(Command::Train(args)) => cli::train::train(args),
+        Some(Command::TrainClassifier(args)) => cli::train_classifier::train_classifier(args),
         Some(Command::Eval(args)) => cli::eval::eval(args),
         Some(Command::Open { file }) => app::launch(Some(file)),
         None => app::launch(None),

@@ -330,3 +330,78 @@ fn bench_times_the_default_workflow_with_the_changes_asked_for() {
     let output = flowline(&["bench", "--set", "model.size=9"]);
     assert_bad_input(&output, "has no parameter \"size\"");
 }
+
+#[test]
+fn a_caption_classifier_trains_in_a_model_folder_resumes_and_guides_its_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let model = model.to_str().unwrap();
+    let output = flowline(&["train", "--out", model, "--preset", "tiny", "--steps", "2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let classifier = |extra: &[&str]| {
+        let mut args = vec!["train-classifier", "--model", model, "--preset", "tiny"];
+        args.extend_from_slice(extra);
+        let output = flowline(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let file = Path::new(model).join("classifier.json");
+        serde_json::from_slice::<serde_json::Value>(&std::fs::read(file).unwrap()).unwrap()
+    };
+    let record = classifier(&["--steps", "100", "--batch", "8"]);
+    assert_eq!(record["training"]["steps"], 100);
+    let history = record["training"]["history"].as_array().unwrap();
+    assert_eq!(history.len(), 1, "one entry per 100 steps: {record}");
+    let record = classifier(&["--steps", "110", "--resume"]);
+    assert_eq!(record["training"]["steps"], 110);
+    assert_eq!(record["training"]["commands"].as_array().unwrap().len(), 2);
+
+    let out = dir.path().join("out");
+    let guided = flowline(&[
+        "run",
+        DEFAULT,
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        &format!("model.path={model}"),
+        "--set",
+        "cfg.autoguide_scale=1",
+        "--set",
+        "cfg.classifier_scale=3",
+        "--set",
+        "sampler.steps=3",
+    ]);
+    assert!(guided.status.success(), "{}", stderr(&guided));
+    assert!(out.join("flowline_00001.png").exists());
+
+    let (report, stdout) = eval_report(
+        &[
+            QUICK_EVAL.as_slice(),
+            &["--model", model, "--classifier-scale", "2"],
+        ]
+        .concat(),
+    );
+    assert_eq!(report["classifier_scale"], 2.0);
+    assert_eq!(tallied(&report["rows"][0]), 3);
+    assert!(
+        stdout.contains(", classifier guidance at scale 2"),
+        "{stdout}"
+    );
+
+    assert_bad_input(
+        &flowline(&["train-classifier", "--model", "/nowhere/model"]),
+        "/nowhere/model/config.json",
+    );
+    // The shipped model has no classifier: asking for its guidance is refused, not ignored.
+    assert_bad_input(
+        &flowline(&["eval", "--prompts", "1", "--classifier-scale", "2"]),
+        "has none (train one with `flowline train-classifier`",
+    );
+    let refused = flowline(&[
+        "run",
+        DEFAULT,
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "cfg.classifier_scale=2",
+    ]);
+    assert_bad_input(&refused, "needs a caption classifier beside the model");
+}

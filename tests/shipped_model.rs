@@ -144,6 +144,8 @@ fn held_out_prompts_meet_the_adherence_targets() {
         batch: 30,
         start_sigma: 1.0,
         eta: 1.0,
+        // No caption classifier ships (see the README), so the default workflow has none.
+        classifier_scale: 0.0,
     };
     let rows = evaluate(&model, Some(&weak), &cases, &settings, &mut |_| {}).unwrap();
     assert!(rows[0].adherence >= 0.75, "4 steps: {:?}", rows[0]);

@@ -11,6 +11,7 @@ use flowline::flow::guidance::{Guidance, GuidanceMethod};
 use flowline::flow::sampler::SamplerKind;
 use flowline::flow::schedule::Scheduler;
 use flowline::model::{LoadRequest, family};
+use flowline::nodes::InputError;
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
 
@@ -60,6 +61,10 @@ pub struct EvalArgs {
     /// Autoguidance scale (1 = off).
     #[arg(long, default_value_t = 2.0)]
     autoguide_scale: f64,
+    /// Classifier guidance scale by the model's own caption classifier (the CFG node's
+    /// classifier_scale; 0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    classifier_scale: f64,
     /// Images generated at once.
     #[arg(long, default_value_t = 25)]
     batch: usize,
@@ -156,6 +161,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         batch: args.batch,
         start_sigma: args.start_sigma,
         eta: args.eta,
+        classifier_scale: args.classifier_scale,
     };
     let cases = held_out_cases(args.prompts);
     let start = if args.start_sigma < 1.0 {
@@ -176,8 +182,12 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             )
         })
         .unwrap_or_default();
+    let classified = match args.classifier_scale {
+        0.0 => String::new(),
+        scale => format!(", classifier guidance at scale {scale}"),
+    };
     println!(
-        "{} on {} held-out prompts, guidance {} at scale {} for σ in [{}, {}]{autoguided}, shifted scheduler (shift {}), {start}",
+        "{} on {} held-out prompts, guidance {} at scale {} for σ in [{}, {}]{autoguided}{classified}, shifted scheduler (shift {}), {start}",
         model.describe(),
         cases.len(),
         method.name(),
@@ -222,6 +232,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         print(row)
     }) {
         Ok(rows) => rows,
+        Err(e) if e.is::<InputError>() => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
         Err(e) => return fail(EXIT_FAILURE, format!("{e:#}")),
     };
     if let Some(path) = &args.json {
@@ -236,6 +247,7 @@ pub fn eval(args: EvalArgs) -> ExitCode {
                 "folder": args.autoguide_model,
                 "scale": weak.scale,
             })),
+            "classifier_scale": args.classifier_scale,
             "shift": args.shift,
             "start_sigma": args.start_sigma,
             "eta": args.eta,

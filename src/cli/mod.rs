@@ -6,6 +6,7 @@ pub mod eval;
 pub mod models;
 pub mod run;
 pub mod train;
+pub mod train_classifier;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};

@@ -114,6 +114,24 @@ pub trait FlowModel: Send + Sync {
             self.describe()
         )
     }
+
+    /// Whether a caption classifier comes with the model, for classifier guidance
+    /// ([`crate::graph::value::ClassifierGuide`]).
+    fn has_prompt_classifier(&self) -> bool {
+        false
+    }
+
+    /// `∇ₓ log p(prompt | x_σ)` for each row of `x` and its prompt in `prompts`, by the
+    /// model's caption classifier (only where [`FlowModel::has_prompt_classifier`]).
+    fn prompt_gradient(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+        prompts: &[String],
+    ) -> anyhow::Result<Tensor> {
+        let _ = (x, sigma, prompts);
+        anyhow::bail!("{} has no caption classifier", self.describe())
+    }
 }
 
 /// Loads a family's model for a request; `report` receives lines for the user while it does

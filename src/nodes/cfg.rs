@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::{InputError, NodeContext, NodeDef, NodeEvent, NodeSpec, ParamSpec, PortSpec};
 use crate::flow::guidance::{Guidance, GuidanceMethod};
 use crate::graph::PortType;
-use crate::graph::value::{Autoguide, Guider, Value};
+use crate::graph::value::{Autoguide, ClassifierGuide, Guider, Value};
 use crate::model::{Conditioning, FlowModel};
 
 pub fn definition() -> NodeDef {
@@ -90,6 +90,13 @@ pub fn definition() -> NodeDef {
                     2.0,
                     "autoguidance: how far to step away from guide_model, a weaker version of the model (1 = off)",
                 ),
+                ParamSpec::float(
+                    "classifier_scale",
+                    0.0,
+                    20.0,
+                    0.0,
+                    "classifier guidance by the model's own caption classifier, where it has one (0 = off)",
+                ),
             ],
             is_output: false,
         },
@@ -145,12 +152,18 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
         }
         _ => None,
     };
+    let classifier = ClassifierGuide {
+        prompts: vec![positive.prompt.clone()],
+        scale: ctx.float("classifier_scale"),
+    };
+    classifier.check_available(model.as_ref())?;
     Ok(vec![Value::Guider(Arc::new(Guider {
         model,
         positive,
         negative,
         guidance,
         autoguide,
+        classifier: Some(classifier),
     }))])
 }
 

@@ -6,6 +6,7 @@
 //! through the same Load Model path as every other family.
 
 pub mod autoencoder;
+pub mod classifier;
 mod layers;
 pub mod network;
 pub mod tokenizer;
@@ -21,6 +22,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use self::autoencoder::PatchAutoencoder;
+use self::classifier::{CaptionClassifier, Labels};
 use self::network::{NetworkConfig, Networks};
 use self::tokenizer::Tokenizer;
 use super::{Conditioning, Family, FlowModel, LatentPreview, LoadRequest, require_size};
@@ -115,6 +117,8 @@ pub struct ShapesModel {
     networks: Networks,
     autoencoder: PatchAutoencoder,
     preview: LatentPreview,
+    /// The caption classifier beside the weights, if the folder has one.
+    classifier: Option<CaptionClassifier>,
     device: Device,
 }
 
@@ -148,8 +152,16 @@ impl ShapesModel {
                 weights_path.display()
             ))
         })?;
-        Self::from_tensors(config, tensors, device)
-            .map_err(|e| InputError(format!("{}: {e:#}", weights_path.display())).into())
+        let mut model = Self::from_tensors(config, tensors, device)
+            .map_err(|e| InputError(format!("{}: {e:#}", weights_path.display())))?;
+        let network = &model.config.network;
+        model.classifier = CaptionClassifier::load_from(
+            folder,
+            network.latent_channels,
+            network.latent_size,
+            device,
+        )?;
+        Ok(model)
     }
 
     /// Builds the model from its config and named tensors.
@@ -203,12 +215,18 @@ impl ShapesModel {
             autoencoder,
             preview,
             config,
+            classifier: None,
             device: device.clone(),
         })
     }
 
     pub fn config(&self) -> &ShapesConfig {
         &self.config
+    }
+
+    /// The autoencoder, whose latent space a caption classifier is trained in.
+    pub fn autoencoder(&self) -> &PatchAutoencoder {
+        &self.autoencoder
     }
 }
 
@@ -304,6 +322,38 @@ impl FlowModel for ShapesModel {
 
     fn batches_prompts(&self) -> bool {
         true
+    }
+
+    fn has_prompt_classifier(&self) -> bool {
+        self.classifier.is_some()
+    }
+
+    fn prompt_gradient(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+        prompts: &[String],
+    ) -> anyhow::Result<Tensor> {
+        let Some(classifier) = &self.classifier else {
+            anyhow::bail!("{} has no caption classifier", self.describe());
+        };
+        anyhow::ensure!(
+            prompts.len() == x.dim(0)?,
+            "{} prompts for {} latents",
+            prompts.len(),
+            x.dim(0)?
+        );
+        // A prompt the grammar cannot read states nothing the classifier can judge: its row's
+        // gradient is zero.
+        let labels: Vec<Labels> = prompts
+            .iter()
+            .map(|p| {
+                Caption::parse(p)
+                    .map(|parsed| Labels::of_caption(&parsed.caption))
+                    .unwrap_or_default()
+            })
+            .collect();
+        classifier.gradient(x, sigma, &labels)
     }
 
     fn batch_conditioning(&self, list: &[Conditioning]) -> anyhow::Result<Conditioning> {

@@ -127,7 +127,7 @@ impl NetworkConfig {
 }
 
 /// Features of the sinusoidal noise-level embedding.
-const TIME_FEATURES: usize = 64;
+pub(super) const TIME_FEATURES: usize = 64;
 const NORM_EPS: f64 = 1e-6;
 
 /// Layer normalisation over the last dimension, without learned parameters.
@@ -222,7 +222,7 @@ impl Mlp {
 
 /// Normalisation over the channels of every latent position (`[B, C, H, W]`), without learned
 /// parameters.
-fn normalize_channels(x: &Tensor) -> candle_core::Result<Tensor> {
+pub(super) fn normalize_channels(x: &Tensor) -> candle_core::Result<Tensor> {
     let centred = x.broadcast_sub(&x.mean_keepdim(1)?)?;
     let variance = centred.sqr()?.mean_keepdim(1)?;
     centred.broadcast_div(&(variance + NORM_EPS)?.sqrt()?)
@@ -231,14 +231,14 @@ fn normalize_channels(x: &Tensor) -> candle_core::Result<Tensor> {
 /// A residual block of two 3×3 convolutions, each after a normalisation modulated by the
 /// noise level and the pooled prompt (FiLM), the second starting at zero so the block starts
 /// as the identity.
-struct ConvBlock {
+pub(super) struct ConvBlock {
     modulation: Dense,
     first: Conv3x3,
     second: Conv3x3,
 }
 
 impl ConvBlock {
-    fn new(channels: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub(super) fn new(channels: usize, hidden: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(ConvBlock {
             modulation: Dense::zero(hidden, 4 * channels, vb.pp("modulation"))?,
             first: Conv3x3::new(channels, channels, None, vb.pp("first"))?,
@@ -246,7 +246,7 @@ impl ConvBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor, conditioning: &Tensor) -> candle_core::Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, conditioning: &Tensor) -> candle_core::Result<Tensor> {
         let m: Vec<Tensor> = self
             .modulation
             .forward(conditioning)?
@@ -678,7 +678,7 @@ fn grid_positions(
 }
 
 /// Sinusoidal features of 1000·σ, `[B]` to `[B, TIME_FEATURES]`.
-fn time_features(sigma: &Tensor) -> candle_core::Result<Tensor> {
+pub(super) fn time_features(sigma: &Tensor) -> candle_core::Result<Tensor> {
     let half = TIME_FEATURES / 2;
     let frequencies: Vec<f32> = (0..half)
         .map(|i| (-(MAX_PERIOD.ln()) * i as f32 / half as f32).exp())

@@ -726,7 +726,7 @@ impl Trainer {
 /// (std √(2/fan_in)), their biases with the variance of U(±1/√fan_in). Constant
 /// initialisations (norm scales, adaLN-Zero's zeros) stay. A seed thus reproduces the run.
 /// Only the weights `wanted` names are drawn (a resumed run draws only the parts it adds).
-fn redraw_initial_weights(
+pub(super) fn redraw_initial_weights(
     varmap: &VarMap,
     seed: u64,
     device: &Device,
@@ -873,7 +873,10 @@ fn posterior_target(
 }
 
 /// Writes safetensors atomically.
-fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()> {
+pub(super) fn save_safetensors(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+) -> anyhow::Result<()> {
     write_atomic_with(path, |temporary| {
         Ok(candle_core::safetensors::save(tensors, temporary)?)
     })
