@@ -150,7 +150,12 @@ fn bad_parameters_exit_2() {
         (
             "--loss-balance",
             "1.5",
-            "the loss balance must be between 0 and 1, not 1.5",
+            "invalid value '1.5' for '--loss-balance <P>': the power must be between 0 and 1, not 1.5",
+        ),
+        (
+            "--channel-loss-power",
+            "2",
+            "invalid value '2' for '--channel-loss-power <P>': the power must be between 0 and 1, not 2",
         ),
     ] {
         assert_bad_input(

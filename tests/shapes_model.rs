@@ -96,6 +96,25 @@ fn a_balanced_loss_lowers_the_loss_and_keeps_its_band_means_across_a_resume() {
 }
 
 #[test]
+fn a_channel_weighted_loss_lowers_the_loss_and_is_kept_across_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = TrainSettings::tiny();
+    settings.channel_loss_power = 0.5;
+    train_until_the_loss_falls(settings, dir.path());
+
+    let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
+    assert_eq!(resumed.settings().channel_loss_power, 0.5);
+    resumed.set_channel_loss_power(1.0).unwrap();
+    assert!(resumed.train_step(0).unwrap().is_finite());
+    resumed.save(dir.path(), "test").unwrap();
+    let notes = read_json(&dir.path().join("config.json"))["training"]["notes"].to_string();
+    assert!(
+        notes.contains("from step 120: channel_loss_power 1 (was 0.5)"),
+        "{notes}"
+    );
+}
+
+#[test]
 fn training_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 3);

@@ -89,20 +89,23 @@ pub struct TrainArgs {
     /// level weighs alike (on --resume: changes it from now on).
     #[arg(long, value_name = "P", value_parser = balance_power)]
     loss_balance: Option<f64>,
+    /// How far the latent channels' shares of the loss are evened out: 0, the plain mean; 1,
+    /// every channel's error divided by its variance, so the faint channels that place edges
+    /// inside a patch weigh like the mean colours (on --resume: changes it from now on).
+    #[arg(long, value_name = "P", value_parser = balance_power)]
+    channel_loss_power: Option<f64>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
 }
 
-/// A `--loss-balance` power, between 0 and 1.
+/// A `--loss-balance` or `--channel-loss-power` power, between 0 and 1.
 fn balance_power(text: &str) -> Result<f64, String> {
     let power: f64 = text.parse().map_err(|e| format!("{e}"))?;
     if (0.0..=1.0).contains(&power) {
         Ok(power)
     } else {
-        Err(format!(
-            "the loss balance must be between 0 and 1, not {power}"
-        ))
+        Err(format!("the power must be between 0 and 1, not {power}"))
     }
 }
 
@@ -169,6 +172,11 @@ pub fn train(args: TrainArgs) -> ExitCode {
     }
     if let Some(balance) = args.loss_balance {
         trainer.set_loss_balance(balance);
+    }
+    if let Some(power) = args.channel_loss_power
+        && let Err(e) = trainer.set_channel_loss_power(power)
+    {
+        return fail(EXIT_FAILURE, format!("{e:#}"));
     }
     match run(&mut trainer, &args, &command) {
         Ok(()) => {

@@ -94,6 +94,11 @@ pub struct TrainSettings {
     /// this power. 0 (older runs): plain mean squared error, 1: every noise level weighs alike.
     #[serde(default)]
     pub loss_balance: f64,
+    /// How far each latent channel's share of the loss is evened out (see
+    /// [`ChannelWeights`]): every channel's squared error is multiplied by its clean
+    /// variance raised to minus this power. 0 (older runs): the plain mean over channels.
+    #[serde(default)]
+    pub channel_loss_power: f64,
 }
 
 /// How training draws the time `t` ∈ (0, 1) that the σ shift warps into a noise level.
@@ -184,6 +189,7 @@ impl TrainSettings {
             posterior_references: 0,
             latent_whitening: 0.0,
             loss_balance: 0.0,
+            channel_loss_power: 0.0,
         }
     }
 }
@@ -224,6 +230,8 @@ pub struct Trainer {
     next_index: u64,
     notes: Vec<String>,
     loss_by_sigma: LossBalance,
+    /// `[1, C, 1, 1]` weights of the latent channels' squared errors; none at power 0.
+    channel_weights: Option<Tensor>,
     device: Device,
 }
 
@@ -455,6 +463,7 @@ impl Trainer {
                 ema.insert(name.clone(), var.as_detached_tensor().copy()?);
             }
         }
+        let channel_weights = ChannelWeights::for_settings(&settings, &autoencoder, device)?;
         let optimizer = AdamW::new(
             varmap.all_vars(),
             ParamsAdamW {
@@ -481,6 +490,7 @@ impl Trainer {
             next_index: state.next_index,
             notes: state.notes,
             loss_by_sigma: state.loss_by_sigma,
+            channel_weights,
             device: device.clone(),
         })
     }
@@ -521,6 +531,16 @@ impl Trainer {
     pub fn set_loss_balance(&mut self, balance: f64) {
         let old = std::mem::replace(&mut self.settings.loss_balance, balance);
         self.note_change("loss_balance", old, balance);
+    }
+
+    /// Changes how far the latent channels' shares of the loss are evened out from now on,
+    /// noting the change in the record.
+    pub fn set_channel_loss_power(&mut self, power: f64) -> anyhow::Result<()> {
+        let old = std::mem::replace(&mut self.settings.channel_loss_power, power);
+        self.channel_weights =
+            ChannelWeights::for_settings(&self.settings, &self.autoencoder, &self.device)?;
+        self.note_change("channel_loss_power", old, power);
+        Ok(())
     }
 
     /// Changes how the time warped into σ is drawn from now on, noting the change in the record.
@@ -583,7 +603,12 @@ impl Trainer {
         self.optimizer
             .set_learning_rate(settings.learning_rate * warmup.min(1.0));
         let predicted = self.networks.velocity(&noisy, &sigma, &ids)?;
-        let per_picture = (predicted - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+        let squared = (predicted - target)?.sqr()?;
+        let squared = match &self.channel_weights {
+            Some(weights) => squared.broadcast_mul(weights)?,
+            None => squared,
+        };
+        let per_picture = squared.flatten_from(1)?.mean(1)?;
         let losses: Vec<f32> = per_picture.to_vec1()?;
         self.loss_by_sigma.record(&sigmas, &losses);
         let weights = self.loss_by_sigma.weights(&sigmas, settings.loss_balance);
@@ -764,6 +789,60 @@ pub(super) fn redraw_initial_weights(
         data[*name].set(&gaussian(stream, current.shape(), device)?.affine(std, 0.0)?)?;
     }
     Ok(())
+}
+
+/// Weights of the latent channels' squared errors for `channel_loss_power` P > 0:
+/// `variance_c^−P`, scaled to a mean of 1, where `variance_c` is channel `c`'s variance over
+/// the pictures the autoencoder was fitted on.
+///
+/// Why: the shipped latent keeps the principal components' unequal sizes (see
+/// [`PatchAutoencoder`]): the three mean-colour channels have a variance hundreds of times
+/// that of the thirteen that say where inside its patch an edge runs, so the plain mean
+/// squared error is almost blind to a notch or a point smaller than a patch, the detail that
+/// tells a heart from a circle. Whitening the latent itself evens them out too, but also
+/// drowns the mean colours in noise at once and changes what the sampler sees; weighting the
+/// loss leaves the path and the optimum (every channel's posterior mean) as they are and only
+/// moves the network's effort.
+struct ChannelWeights;
+
+impl ChannelWeights {
+    fn for_settings(
+        settings: &TrainSettings,
+        autoencoder: &PatchAutoencoder,
+        device: &Device,
+    ) -> anyhow::Result<Option<Tensor>> {
+        let power = settings.channel_loss_power;
+        if power == 0.0 {
+            return Ok(None);
+        }
+        let latents = autoencoder.encode(&pictures(
+            settings.data_seed + AUTOENCODER_SEED_OFFSET,
+            settings.autoencoder_images,
+            device,
+        )?)?;
+        let channels = latents.dim(1)?;
+        let variances: Vec<f64> = latents
+            .transpose(0, 1)?
+            .flatten_from(1)?
+            .to_dtype(DType::F64)?
+            .var_keepdim(1)?
+            .flatten_all()?
+            .to_vec1()?;
+        Ok(Some(
+            Self::from_variances(&variances, power, device)?.reshape((1, channels, 1, 1))?,
+        ))
+    }
+
+    /// `variance^−power` for each channel, scaled to a mean of 1.
+    fn from_variances(variances: &[f64], power: f64, device: &Device) -> anyhow::Result<Tensor> {
+        let raw: Vec<f64> = variances
+            .iter()
+            .map(|v| v.max(f64::MIN_POSITIVE).powf(-power))
+            .collect();
+        let mean = raw.iter().sum::<f64>() / raw.len() as f64;
+        let weights: Vec<f32> = raw.iter().map(|w| (w / mean) as f32).collect();
+        Ok(Tensor::from_vec(weights, variances.len(), device)?)
+    }
 }
 
 /// The running mean of the per-picture loss in each of [`LossBalance::BANDS`] equal bands of
@@ -965,5 +1044,32 @@ mod tests {
         assert_eq!(balance.weights(&sigmas, 0.0), vec![1.0; 3]);
         // A band nothing was seen in yet is weighted 1.
         assert_eq!(balance.weights(&[0.3], 1.0), vec![1.0]);
+    }
+
+    #[test]
+    fn channel_weights_even_out_the_channels_variances_and_average_one() {
+        let device = Device::Cpu;
+        let variances = [4.0, 1.0, 0.25];
+        let weights = |power: f64| -> Vec<f32> {
+            ChannelWeights::from_variances(&variances, power, &device)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let full = weights(1.0);
+        let weighted: Vec<f64> = variances
+            .iter()
+            .zip(&full)
+            .map(|(v, w)| v * f64::from(*w))
+            .collect();
+        assert!(
+            weighted.iter().all(|w| (w - weighted[0]).abs() < 1e-5),
+            "{full:?}"
+        );
+        let half = weights(0.5);
+        for (got, want) in half.iter().zip([3.0 / 7.0, 6.0 / 7.0, 12.0 / 7.0]) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{half:?}");
+        }
+        assert_eq!(weights(0.0), vec![1.0; 3]);
     }
 }
