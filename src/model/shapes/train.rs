@@ -802,7 +802,10 @@ pub(super) fn redraw_initial_weights(
 /// tells a heart from a circle. Whitening the latent itself evens them out too, but also
 /// drowns the mean colours in noise at once and changes what the sampler sees; weighting the
 /// loss leaves the path and the optimum (every channel's posterior mean) as they are and only
-/// moves the network's effort.
+/// moves the network's effort. Resumed from the shipped weights (step 28 881) for about 3 400
+/// steps each, side by side, P = 0.25 gave 51 % and 69 % adherence at 4 and 16 Euler steps and
+/// P = 0.5 48 % and 64 % (200 held-out prompts, default guidance; the shipped 55 % and 65.5 %):
+/// within the noise of the sample, so the shipped run keeps P = 0.
 struct ChannelWeights;
 
 impl ChannelWeights {
