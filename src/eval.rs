@@ -77,6 +77,30 @@ pub struct AttributeScore {
     pub stated: usize,
 }
 
+/// What the analyser made of one case's image.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub prompt: String,
+    pub seed: u64,
+    /// Every attribute the prompt states is right.
+    pub adherent: bool,
+    /// The stated attributes the image gets wrong (all of them when no object is found).
+    pub wrong: Vec<String>,
+    /// What the analyser saw (absent when no object stands out from the background).
+    pub seen: Option<Seen>,
+}
+
+/// The analyser's reading of an image, by name.
+#[derive(Debug, Clone, Serialize)]
+pub struct Seen {
+    pub background: String,
+    pub color: String,
+    pub shape: String,
+    pub position: String,
+    /// Side of the fitted shape's box, in pixels.
+    pub extent: f32,
+}
+
 /// The results for one sampler at one step count.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -91,6 +115,8 @@ pub struct Row {
     pub shapes_seen: BTreeMap<String, BTreeMap<String, usize>>,
     pub mean_straightness: f64,
     pub seconds: f64,
+    /// Each case's verdict, in case order, so the failures can be picked out and looked at.
+    pub cases: Vec<CaseResult>,
 }
 
 /// A weaker version of the evaluated model to autoguide it with, and the autoguidance scale.
@@ -99,13 +125,14 @@ pub struct WeakGuide {
     pub scale: f64,
 }
 
-/// Generates and judges every case for every sampler and step count.
+/// Generates and judges every case for every sampler and step count, handing each finished row
+/// to `on_row` with its images (in case order).
 pub fn evaluate(
     model: &Arc<dyn FlowModel>,
     weak: Option<&WeakGuide>,
     cases: &[Case],
     settings: &EvalSettings,
-    on_row: &mut dyn FnMut(&Row),
+    on_row: &mut dyn FnMut(&Row, &[image::RgbImage]),
 ) -> anyhow::Result<Vec<Row>> {
     if let Some(weak) = weak {
         Autoguide::check_compatible(model.as_ref(), weak.model.as_ref())?;
@@ -195,7 +222,7 @@ pub fn evaluate(
                 straightness,
                 started.elapsed().as_secs_f64(),
             );
-            on_row(&row);
+            on_row(&row, &images);
             rows.push(row);
         }
     }
@@ -234,6 +261,7 @@ fn score(
         stated: 0,
     });
     let mut shapes_seen: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut results = Vec::with_capacity(cases.len());
     for (case, image) in cases.iter().zip(images) {
         let found = analyse(image).ok();
         let seen = found.map_or("none", |found| found.shape.name());
@@ -245,16 +273,31 @@ fn score(
         // An image with no object found gets every attribute its prompt states wrong.
         let verdicts = found.map(|found| judge(&case.caption, &found).verdicts());
         let stated = stated_attributes(&case.caption);
-        adherent += usize::from(
-            verdicts.is_some_and(|v| v.iter().all(|(_, verdict)| *verdict != Verdict::Wrong)),
-        );
+        let mut wrong = Vec::new();
         for (index, tally) in tallies.iter_mut().enumerate() {
             if stated[index] {
                 tally.stated += 1;
-                let right = verdicts.is_some_and(|v| v[index].1 == Verdict::Correct);
-                tally.correct += usize::from(right);
+                match verdicts.map(|v| v[index].1) {
+                    Some(Verdict::Correct) => tally.correct += 1,
+                    Some(Verdict::Wrong) | None => wrong.push(tally.attribute.clone()),
+                    Some(Verdict::Unstated) => {}
+                }
             }
         }
+        adherent += usize::from(wrong.is_empty());
+        results.push(CaseResult {
+            prompt: case.caption.text(),
+            seed: case.seed,
+            adherent: wrong.is_empty(),
+            wrong,
+            seen: found.map(|found| Seen {
+                background: found.background.name().to_string(),
+                color: found.color.name().to_string(),
+                shape: found.shape.name().to_string(),
+                position: found.position.phrase().to_string(),
+                extent: found.extent,
+            }),
+        });
     }
     Row {
         sampler: sampler.name().to_string(),
@@ -265,6 +308,7 @@ fn score(
         shapes_seen,
         mean_straightness: straightness / images.len().max(1) as f64,
         seconds,
+        cases: results,
     }
 }
 

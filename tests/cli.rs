@@ -241,6 +241,84 @@ fn eval_tallies_the_shape_seen_for_each_shape_asked() {
     assert_eq!(tallied(row), 12);
 }
 
+#[test]
+fn eval_reports_every_case_and_saves_its_image_named_by_the_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let (report, _) = eval_report(&[
+        "--prompts",
+        "6",
+        "--samplers",
+        "euler",
+        "--steps",
+        "2",
+        "--images",
+        images.to_str().unwrap(),
+    ]);
+    let row = &report["rows"][0];
+    let cases = row["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    let adherent = cases.iter().filter(|c| c["adherent"] == true).count();
+    assert_eq!(row["adherence"].as_f64().unwrap(), adherent as f64 / 6.0);
+
+    let mut files: Vec<_> = std::fs::read_dir(images.join("euler-2"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 6, "{files:?}");
+    for (index, (case, file)) in cases.iter().zip(&files).enumerate() {
+        let wrong: Vec<&str> = case["wrong"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_str().unwrap())
+            .collect();
+        assert_eq!(case["adherent"], wrong.is_empty(), "{case}");
+        let verdict = match wrong.as_slice() {
+            [] => "ok".to_string(),
+            wrong => format!("wrong-{}", wrong.join("-")),
+        };
+        let prompt = case["prompt"].as_str().unwrap().replace(' ', "-");
+        let name = file.file_name().unwrap().to_str().unwrap();
+        assert_eq!(name, format!("{index:03}-{verdict}-{prompt}.png"));
+        // The saved picture is the one judged: the analyser reads it the same way again.
+        let picture = image::open(file).unwrap().to_rgb8();
+        match flowline::analyse::analyse(&picture) {
+            Ok(seen) => {
+                assert_eq!(case["seen"]["shape"], seen.shape.name(), "{case}");
+                assert_eq!(case["seen"]["color"], seen.color.name(), "{case}");
+            }
+            Err(_) => assert!(case["seen"].is_null(), "{case}"),
+        }
+    }
+}
+
+#[test]
+fn eval_refuses_an_image_folder_it_cannot_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, "not a folder").unwrap();
+    let output = flowline(&[
+        "eval",
+        "--prompts",
+        "1",
+        "--samplers",
+        "euler",
+        "--steps",
+        "1",
+        "--images",
+        blocker.to_str().unwrap(),
+    ]);
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot create {}", blocker.display())),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"not a folder");
+}
+
 /// Three prompts, two Euler steps: enough to see a setting reach the report.
 const QUICK_EVAL: [&str; 6] = ["--prompts", "3", "--samplers", "euler", "--steps", "2"];
 

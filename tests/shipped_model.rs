@@ -147,7 +147,7 @@ fn held_out_prompts_meet_the_adherence_targets() {
         // No caption classifier ships (see the README), so the default workflow has none.
         classifier_scale: 0.0,
     };
-    let rows = evaluate(&model, Some(&weak), &cases, &settings, &mut |_| {}).unwrap();
+    let rows = evaluate(&model, Some(&weak), &cases, &settings, &mut |_, _| {}).unwrap();
     assert!(rows[0].adherence >= 0.75, "4 steps: {:?}", rows[0]);
     assert!(rows[1].adherence >= 0.90, "16 steps: {:?}", rows[1]);
 }

@@ -1,17 +1,20 @@
 //! `flowline eval`: measures prompt adherence on held-out prompts and prints a table.
 
-use std::path::PathBuf;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use candle_core::Device;
 use clap::Args;
 use flowline::eval::{EvalSettings, Row, WeakGuide, evaluate, held_out_cases};
-use flowline::files::write_atomic;
+use flowline::files::{save_png, write_atomic};
 use flowline::flow::guidance::{Guidance, GuidanceMethod};
 use flowline::flow::sampler::SamplerKind;
 use flowline::flow::schedule::Scheduler;
 use flowline::model::{LoadRequest, family};
 use flowline::nodes::InputError;
+use image::RgbImage;
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
 
@@ -68,9 +71,14 @@ pub struct EvalArgs {
     /// Images generated at once.
     #[arg(long, default_value_t = 25)]
     batch: usize,
-    /// Writes the table as JSON.
+    /// Writes the table as JSON, with every case's verdict.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Saves every image in this folder, one subfolder per sampler and step count, each named
+    /// by its case number, its verdict (`ok`, or what is wrong) and its prompt, so the misses can
+    /// be looked at.
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
 }
 
 /// `LOW,HIGH`, two noise levels in [0, 1] with LOW ≤ HIGH.
@@ -228,9 +236,27 @@ pub fn eval(args: EvalArgs) -> ExitCode {
             row.seconds
         );
     };
-    let rows = match evaluate(&model, weak.as_ref(), &cases, &settings, &mut |row| {
-        print(row)
-    }) {
+    // A folder that cannot be made is found before the images are, not after.
+    if let Some(Err(e)) = args.images.as_deref().map(create_folder) {
+        return fail(EXIT_FAILURE, format!("{e:#}"));
+    }
+    let mut saved = Ok(());
+    let outcome = evaluate(
+        &model,
+        weak.as_ref(),
+        &cases,
+        &settings,
+        &mut |row, images| {
+            print(row);
+            if let (Some(folder), Ok(())) = (&args.images, &saved) {
+                saved = save_images(folder, row, images);
+            }
+        },
+    );
+    if let Err(e) = saved {
+        return fail(EXIT_FAILURE, format!("{e:#}"));
+    }
+    let rows = match outcome {
         Ok(rows) => rows,
         Err(e) if e.is::<InputError>() => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
         Err(e) => return fail(EXIT_FAILURE, format!("{e:#}")),
@@ -259,4 +285,27 @@ pub fn eval(args: EvalArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// Writes one row's images to `folder/<sampler>-<steps>/NNN-<verdict>-<prompt>.png`.
+fn save_images(folder: &Path, row: &Row, images: &[RgbImage]) -> anyhow::Result<()> {
+    let folder = folder.join(format!("{}-{}", row.sampler, row.steps));
+    create_folder(&folder)?;
+    for (index, (case, image)) in row.cases.iter().zip(images).enumerate() {
+        let verdict = match case.wrong.as_slice() {
+            [] => "ok".to_string(),
+            wrong => format!("wrong-{}", wrong.join("-")),
+        };
+        let prompt = case.prompt.replace(' ', "-");
+        save_png(
+            &folder.join(format!("{index:03}-{verdict}-{prompt}.png")),
+            image,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn create_folder(folder: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(folder).with_context(|| format!("cannot create {}", folder.display()))
 }
