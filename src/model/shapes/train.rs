@@ -336,14 +336,20 @@ impl Growth {
 /// The seed the autoencoder is fitted on, apart from the training stream.
 const AUTOENCODER_SEED_OFFSET: u64 = 1_000_003;
 
+/// The pictures a run's autoencoder and preview are fitted on (and its channel weights
+/// measured on), from a seed apart from the training stream.
+fn autoencoder_pictures(settings: &TrainSettings, device: &Device) -> anyhow::Result<Tensor> {
+    pictures(
+        settings.data_seed + AUTOENCODER_SEED_OFFSET,
+        settings.autoencoder_images,
+        device,
+    )
+}
+
 impl Trainer {
     /// Starts a run: fits the autoencoder and preview, initialises the networks.
     pub fn new(settings: TrainSettings, device: &Device) -> anyhow::Result<Self> {
-        let fit_images = pictures(
-            settings.data_seed + AUTOENCODER_SEED_OFFSET,
-            settings.autoencoder_images,
-            device,
-        )?;
+        let fit_images = autoencoder_pictures(&settings, device)?;
         let autoencoder = PatchAutoencoder::fit(
             &fit_images,
             settings.network.latent_channels,
@@ -364,7 +370,7 @@ impl Trainer {
             notes: Vec::new(),
             loss_by_sigma: LossBalance::default(),
         };
-        Self::assemble(state, autoencoder, None, device)
+        Self::assemble(state, autoencoder, None, Some(&fit_images), device)
     }
 
     /// Continues the run checkpointed in `folder`, first adding to its network whatever
@@ -405,7 +411,8 @@ impl Trainer {
             &state.autoencoder,
         );
         let new_network = state.settings.network.clone();
-        let mut trainer = Self::assemble(state, autoencoder, Some((&tensors, &added)), device)?;
+        let mut trainer =
+            Self::assemble(state, autoencoder, Some((&tensors, &added)), None, device)?;
         trainer.note_change("conv_head", old_network.conv_head, new_network.conv_head);
         trainer.note_change(
             "conv_head_scales",
@@ -423,11 +430,13 @@ impl Trainer {
 
     /// Builds the trainer's networks: from a checkpoint's raw and averaged weights, where one
     /// is given (with the prefixes of the parts added since, which are initialised fresh), or
-    /// freshly initialised.
+    /// freshly initialised. `fit_images` are the autoencoder's pictures where the caller has
+    /// them at hand (else they are rendered again if the loss weights need them).
     fn assemble(
         state: CheckpointState,
         autoencoder: PatchAutoencoder,
         checkpoint: Option<(&HashMap<String, Tensor>, &[String])>,
+        fit_images: Option<&Tensor>,
         device: &Device,
     ) -> anyhow::Result<Self> {
         let settings = state.settings;
@@ -463,7 +472,8 @@ impl Trainer {
                 ema.insert(name.clone(), var.as_detached_tensor().copy()?);
             }
         }
-        let channel_weights = ChannelWeights::for_settings(&settings, &autoencoder, device)?;
+        let channel_weights =
+            ChannelWeights::for_settings(&settings, &autoencoder, fit_images, device)?;
         let optimizer = AdamW::new(
             varmap.all_vars(),
             ParamsAdamW {
@@ -535,10 +545,15 @@ impl Trainer {
 
     /// Changes how far the latent channels' shares of the loss are evened out from now on,
     /// noting the change in the record.
+    /// The weights are measured first, so a failure leaves the run as it was.
     pub fn set_channel_loss_power(&mut self, power: f64) -> anyhow::Result<()> {
-        let old = std::mem::replace(&mut self.settings.channel_loss_power, power);
+        let settings = TrainSettings {
+            channel_loss_power: power,
+            ..self.settings.clone()
+        };
         self.channel_weights =
-            ChannelWeights::for_settings(&self.settings, &self.autoencoder, &self.device)?;
+            ChannelWeights::for_settings(&settings, &self.autoencoder, None, &self.device)?;
+        let old = std::mem::replace(&mut self.settings.channel_loss_power, power);
         self.note_change("channel_loss_power", old, power);
         Ok(())
     }
@@ -809,20 +824,22 @@ pub(super) fn redraw_initial_weights(
 struct ChannelWeights;
 
 impl ChannelWeights {
+    /// The weights for `settings`' power (none at P = 0), measured on `fit_images`, or on the
+    /// autoencoder's pictures rendered again where those are not given.
     fn for_settings(
         settings: &TrainSettings,
         autoencoder: &PatchAutoencoder,
+        fit_images: Option<&Tensor>,
         device: &Device,
     ) -> anyhow::Result<Option<Tensor>> {
         let power = settings.channel_loss_power;
         if power == 0.0 {
             return Ok(None);
         }
-        let latents = autoencoder.encode(&pictures(
-            settings.data_seed + AUTOENCODER_SEED_OFFSET,
-            settings.autoencoder_images,
-            device,
-        )?)?;
+        let latents = match fit_images {
+            Some(images) => autoencoder.encode(images)?,
+            None => autoencoder.encode(&autoencoder_pictures(settings, device)?)?,
+        };
         let channels = latents.dim(1)?;
         let variances: Vec<f64> = latents
             .transpose(0, 1)?
