@@ -205,6 +205,19 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
     assert!(resumed.train_step(0).unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
+    let features = Growth {
+        conv_head_features: true,
+        ..Growth::default()
+    };
+    let (change, mut resumed) = change_from_growth(dir.path(), || resume(features).unwrap());
+    assert!(
+        change < 1e-5,
+        "the DiT's features given to the head changed the output by {change}"
+    );
+    assert!(resumed.settings().network.conv_head_features);
+    assert!(resumed.train_step(0).unwrap().is_finite());
+    resumed.save(dir.path(), "test").unwrap();
+
     let depth = resumed.settings().network.depth;
     let deeper = Growth {
         depth: Some(depth + 2),
@@ -223,11 +236,16 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
     assert_eq!(config["network"]["conv_head"], 4);
     assert_eq!(config["network"]["conv_head_scales"], 3);
     assert_eq!(config["network"]["conv_head_blocks"], 4);
+    assert_eq!(config["network"]["conv_head_features"], true);
     assert_eq!(config["network"]["depth"], depth + 2);
     let notes = config["training"]["notes"].to_string();
     assert!(notes.contains("conv_head 4 (was 0)"), "{notes}");
     assert!(notes.contains("conv_head_scales 3 (was 1)"), "{notes}");
     assert!(notes.contains("conv_head_blocks 4 (was 2)"), "{notes}");
+    assert!(
+        notes.contains("conv_head_features true (was false)"),
+        "{notes}"
+    );
     let depth_note = format!("depth {} (was {depth})", depth + 2);
     assert!(notes.contains(&depth_note), "{notes}");
     for (growth, expected) in [
@@ -246,6 +264,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
             },
             "already has 4 blocks",
         ),
+        (features, "already gets the DiT's features"),
         (
             Growth {
                 depth: Some(depth),

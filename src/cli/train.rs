@@ -71,6 +71,10 @@ pub struct TrainArgs {
     /// ones, which start as the identity).
     #[arg(long, value_name = "BLOCKS")]
     conv_head_blocks: Option<usize>,
+    /// Whether the convolutional head gets the DiT's last token features beside its output (on
+    /// --resume: adds them to a head without, starting at zero).
+    #[arg(long)]
+    conv_head_features: bool,
     /// DiT blocks in all (on --resume: appends new ones, which start as the identity).
     #[arg(long, value_name = "BLOCKS")]
     depth: Option<usize>,
@@ -130,6 +134,7 @@ pub fn train(args: TrainArgs) -> ExitCode {
                 conv_head_scales: args.conv_head_scales.map(usize::from),
                 conv_head_blocks: args.conv_head_blocks,
                 depth: args.depth,
+                conv_head_features: args.conv_head_features,
             },
         )
     } else {
@@ -149,6 +154,7 @@ pub fn train(args: TrainArgs) -> ExitCode {
         if let Some(depth) = args.depth {
             settings.network.depth = depth;
         }
+        settings.network.conv_head_features |= args.conv_head_features;
         if let Some(whitening) = args.latent_whitening {
             settings.latent_whitening = whitening;
         }

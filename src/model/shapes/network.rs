@@ -93,6 +93,11 @@ pub struct NetworkConfig {
     /// further, so the edge it draws can depend on more of the shape around it.
     #[serde(default = "two_conv_head_blocks")]
     pub conv_head_blocks: usize,
+    /// Whether the convolutional head also sees the DiT's last token features, each token's
+    /// projected onto its patch of latent positions (see [`ConvHead`]); older models: only the
+    /// DiT's output.
+    #[serde(default)]
+    pub conv_head_features: bool,
 }
 
 fn single_scale() -> usize {
@@ -274,8 +279,17 @@ impl ConvBlock {
 /// and size is something it must learn place by place; a model trained for the hours a CPU
 /// allows drew blobs for every shape word. Convolutions are the same at every place, so a
 /// shape's edges learnt in one place are drawn in all.
+///
+/// With `conv_head_features`, the head also gets the DiT's last token features, each token's
+/// projected (from zero, so again nothing changes until it learns) onto its patch's latent
+/// positions. The DiT's output alone is its estimate of the velocity, a blurred average of
+/// what the picture might be; what the DiT knows beyond it (which shape the prompt asks for,
+/// where this token lies on the object) reaches the head only through that bottleneck and
+/// the pooled prompt.
 pub struct ConvHead {
     input: Conv3x3,
+    features: Option<Dense>,
+    patch: usize,
     coarse: Option<CoarseScale>,
     blocks: Vec<ConvBlock>,
     output: Conv3x3,
@@ -286,6 +300,17 @@ impl ConvHead {
         let channels = config.conv_head;
         Ok(ConvHead {
             input: Conv3x3::new(2 * config.latent_channels, channels, None, vb.pp("input"))?,
+            features: config
+                .conv_head_features
+                .then(|| {
+                    Dense::zero(
+                        config.hidden,
+                        channels * config.patch * config.patch,
+                        vb.pp("features"),
+                    )
+                })
+                .transpose()?,
+            patch: config.patch,
             coarse: CoarseScale::chain(
                 channels,
                 config.conv_head_scales.saturating_sub(1),
@@ -304,14 +329,21 @@ impl ConvHead {
         })
     }
 
-    /// The DiT's output `raw` refined, given the network's input `x` (both `[B, C, S, S]`).
+    /// The DiT's output `raw` refined, given the network's input `x` (both `[B, C, S, S]`)
+    /// and the DiT's last image token features `tokens` (`[B, T, hidden]`, those `raw` was
+    /// projected from).
     fn forward(
         &self,
         raw: &Tensor,
         x: &Tensor,
+        tokens: &Tensor,
         conditioning: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let mut h = self.input.forward(&Tensor::cat(&[raw, x], 1)?)?;
+        if let Some(features) = &self.features {
+            let (_, channels, side, _) = h.dims4()?;
+            h = (h + unpatchify(&features.forward(tokens)?, channels, side, self.patch)?)?;
+        }
         if let Some(coarse) = &self.coarse {
             h = (&h + coarse.forward(&h, conditioning)?)?;
         }
@@ -584,18 +616,29 @@ impl VelocityNet {
             .final_modulation
             .forward(&conditioning)?
             .chunk(2, D::Minus1)?;
-        let out = self
-            .final_out
-            .forward(&modulate(&normalize(&image)?, &m[0], &m[1])?)?;
-        let out = out
-            .reshape(vec![batch, grid, grid, channels, p, p])?
-            .permute([0, 3, 1, 4, 2, 5])?
-            .reshape((batch, channels, size, size))?;
+        let features = modulate(&normalize(&image)?, &m[0], &m[1])?;
+        let out = unpatchify(&self.final_out.forward(&features)?, channels, size, p)?;
         match &self.conv_head {
-            Some(head) => head.forward(&out, x, &conditioning),
+            Some(head) => head.forward(&out, x, &features, &conditioning),
             None => Ok(out),
         }
     }
+}
+
+/// Image tokens' values `[B, T, C·p·p]` (a grid of tokens in row-major order, each its
+/// `p`×`p` patch's values channel by channel) laid out as latents `[B, C, side, side]`.
+fn unpatchify(
+    tokens: &Tensor,
+    channels: usize,
+    side: usize,
+    p: usize,
+) -> candle_core::Result<Tensor> {
+    let batch = tokens.dim(0)?;
+    let grid = side / p;
+    tokens
+        .reshape(vec![batch, grid, grid, channels, p, p])?
+        .permute([0, 3, 1, 4, 2, 5])?
+        .reshape((batch, channels, side, side))
 }
 
 /// EDM's preconditioning (Karras et al. 2022) worked out for the flow path

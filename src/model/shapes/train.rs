@@ -174,6 +174,7 @@ impl TrainSettings {
                 conv_head,
                 conv_head_scales: 1,
                 conv_head_blocks: 2,
+                conv_head_features: false,
             },
             batch,
             learning_rate: 6e-4,
@@ -261,6 +262,9 @@ pub struct Growth {
     /// DiT blocks in all, more than it has: the new ones go after the last, where, with their
     /// adaLN-Zero gates at zero, they pass the tokens on unchanged until they learn.
     pub depth: Option<usize>,
+    /// Whether the convolutional head gets the DiT's token features, for a head without them:
+    /// their projection starts at zero, so the head is unchanged until it learns.
+    pub conv_head_features: bool,
 }
 
 impl Growth {
@@ -319,6 +323,20 @@ impl Growth {
                 );
             }
             network.conv_head_blocks = blocks;
+        }
+        if self.conv_head_features {
+            anyhow::ensure!(
+                network.conv_head > 0,
+                "it has no convolutional head to give the DiT's features to"
+            );
+            anyhow::ensure!(
+                !network.conv_head_features,
+                "its convolutional head already gets the DiT's features"
+            );
+            if self.conv_head.is_none() {
+                added.push(format!("{CONV_HEAD_PREFIX}features."));
+            }
+            network.conv_head_features = true;
         }
         if let Some(depth) = self.depth {
             anyhow::ensure!(
@@ -423,6 +441,11 @@ impl Trainer {
             "conv_head_blocks",
             old_network.conv_head_blocks,
             new_network.conv_head_blocks,
+        );
+        trainer.note_change(
+            "conv_head_features",
+            old_network.conv_head_features,
+            new_network.conv_head_features,
         );
         trainer.note_change("depth", old_network.depth, new_network.depth);
         Ok(trainer)
