@@ -163,6 +163,29 @@ fn bad_parameters_exit_2() {
             message,
         );
     }
+    for head_option in [
+        &["--conv-head-scales", "2"][..],
+        &["--conv-head-blocks", "3"],
+        &["--conv-head-features"],
+    ] {
+        let mut args = vec![
+            "train",
+            "--out",
+            run,
+            "--preset",
+            "tiny",
+            "--conv-head",
+            "0",
+        ];
+        args.extend_from_slice(head_option);
+        assert_bad_input(
+            &flowline(&args),
+            &format!(
+                "{} shapes the convolutional head, which --conv-head 0 leaves out",
+                head_option[0]
+            ),
+        );
+    }
     assert!(!Path::new(run).exists());
 }
 

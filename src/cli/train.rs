@@ -113,6 +113,17 @@ fn balance_power(text: &str) -> Result<f64, String> {
     }
 }
 
+/// The first option given that shapes the convolutional head, by its name on the command line.
+fn head_shaping_option(args: &TrainArgs) -> Option<&'static str> {
+    [
+        (args.conv_head_scales.is_some(), "--conv-head-scales"),
+        (args.conv_head_blocks.is_some(), "--conv-head-blocks"),
+        (args.conv_head_features, "--conv-head-features"),
+    ]
+    .into_iter()
+    .find_map(|(given, name)| given.then_some(name))
+}
+
 /// Steps per entry of the recorded loss history.
 const LOSS_BLOCK: usize = 100;
 
@@ -155,6 +166,14 @@ pub fn train(args: TrainArgs) -> ExitCode {
             settings.network.depth = depth;
         }
         settings.network.conv_head_features |= args.conv_head_features;
+        if settings.network.conv_head == 0
+            && let Some(option) = head_shaping_option(&args)
+        {
+            return fail(
+                EXIT_BAD_INPUT,
+                format!("{option} shapes the convolutional head, which --conv-head 0 leaves out"),
+            );
+        }
         if let Some(whitening) = args.latent_whitening {
             settings.latent_whitening = whitening;
         }
