@@ -526,3 +526,26 @@ fn prompts_outside_the_caption_grammar_are_warned_about() {
         "the empty prompt is the unconditional one"
     );
 }
+
+#[test]
+fn prompts_evaluated_as_one_batch_give_each_prompts_own_velocity() {
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), 3);
+    let model = ShapesModel::load(dir.path(), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 16, 16, 16), &Device::Cpu).unwrap();
+    let star = model.encode_prompt("a red star").unwrap();
+    let unconditional = model.encode_prompt("").unwrap();
+    let together = model.velocities(&x, 0.6, &[&star, &unconditional]).unwrap();
+    assert_eq!(together.len(), 2);
+    for (batched, cond) in together.iter().zip([&star, &unconditional]) {
+        let alone = model.velocity(&x, 0.6, cond).unwrap();
+        let difference = (batched - &alone)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap();
+        assert!(difference < 1e-5, "{} differs by {difference}", cond.prompt);
+    }
+    let apart = (&together[0] - &together[1])
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .unwrap();
+    assert!(apart > 1e-4, "the two prompts gave the same velocity");
+}

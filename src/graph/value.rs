@@ -116,13 +116,18 @@ const LATENT_PROBE_SIDE: usize = 64;
 impl Guider {
     /// The guided velocity at `x`, `sigma`; the unconditional pass runs only when needed.
     pub fn velocity(&self, x: &Tensor, sigma: f64) -> anyhow::Result<Tensor> {
-        let cond = self.model.velocity(x, sigma, &self.positive)?;
-        let guided = match &self.negative {
+        let (cond, guided) = match &self.negative {
             Some(negative) if self.guidance.needs_unconditional(sigma) => {
-                let uncond = self.model.velocity(x, sigma, negative)?;
-                self.guidance.combine(x, sigma, &cond, &uncond)?
+                let both = self
+                    .model
+                    .velocities(x, sigma, &[&self.positive, negative])?;
+                let guided = self.guidance.combine(x, sigma, &both[0], &both[1])?;
+                (both[0].clone(), guided)
             }
-            _ => cond.clone(),
+            _ => {
+                let cond = self.model.velocity(x, sigma, &self.positive)?;
+                (cond.clone(), cond)
+            }
         };
         let guided = match &self.autoguide {
             Some(weak) if weak.scale != 1.0 && self.guidance.guides_at(sigma) => {

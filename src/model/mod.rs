@@ -91,6 +91,21 @@ pub trait FlowModel: Send + Sync {
     /// The velocity `v = ε − x0` at latent `x` and noise level `sigma`.
     fn velocity(&self, x: &Tensor, sigma: f64, cond: &Conditioning) -> anyhow::Result<Tensor>;
 
+    /// The velocities at the same `x` and `sigma` under each of `conds`, in order (CFG's
+    /// conditional and unconditional pass). A model that takes a batch of different prompts
+    /// runs them as one batch, which on a CPU costs much less than a pass each.
+    fn velocities(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+        conds: &[&Conditioning],
+    ) -> anyhow::Result<Vec<Tensor>> {
+        conds
+            .iter()
+            .map(|cond| self.velocity(x, sigma, cond))
+            .collect()
+    }
+
     /// Decodes a `[1, C, h, w]` latent into a `[3, H, W]` image with values in [0, 1].
     fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor>;
 

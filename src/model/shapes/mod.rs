@@ -290,14 +290,30 @@ impl FlowModel for ShapesModel {
     }
 
     fn velocity(&self, x: &Tensor, sigma: f64, cond: &Conditioning) -> anyhow::Result<Tensor> {
+        Ok(self.velocities(x, sigma, &[cond])?.remove(0))
+    }
+
+    fn velocities(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+        conds: &[&Conditioning],
+    ) -> anyhow::Result<Vec<Tensor>> {
         let batch = x.dim(0)?;
-        let (_, tokens, width) = cond.context.dims3()?;
-        let context = cond
-            .context
-            .broadcast_as((batch, tokens, width))?
-            .contiguous()?;
-        let sigma = Tensor::full(sigma as f32, batch, &self.device)?;
-        Ok(self.networks.velocity.forward(x, &sigma, &context)?)
+        let contexts = conds
+            .iter()
+            .map(|cond| {
+                let (_, tokens, width) = cond.context.dims3()?;
+                cond.context.broadcast_as((batch, tokens, width))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let context = Tensor::cat(&contexts, 0)?;
+        let x = Tensor::cat(&vec![x; conds.len()], 0)?;
+        let sigma = Tensor::full(sigma as f32, batch * conds.len(), &self.device)?;
+        let velocity = self.networks.velocity.forward(&x, &sigma, &context)?;
+        Ok((0..conds.len())
+            .map(|i| velocity.narrow(0, i * batch, batch))
+            .collect::<candle_core::Result<_>>()?)
     }
 
     fn decode(&self, latent: &Tensor) -> anyhow::Result<Tensor> {
