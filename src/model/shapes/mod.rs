@@ -304,7 +304,9 @@ impl FlowModel for ShapesModel {
             .iter()
             .map(|cond| {
                 let (_, tokens, width) = cond.context.dims3()?;
-                cond.context.broadcast_as((batch, tokens, width))
+                cond.context
+                    .broadcast_as((batch, tokens, width))?
+                    .contiguous()
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let context = Tensor::cat(&contexts, 0)?;
