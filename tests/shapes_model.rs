@@ -63,6 +63,8 @@ fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
     resumed.set_posterior_references(0);
     resumed.set_time_sampling(TimeSampling::Uniform);
     resumed.set_loss_balance(1.0);
+    resumed.set_ema_decay(0.9995).unwrap();
+    assert!(resumed.set_ema_decay(1.0).is_err());
     assert!(resumed.train_step(0).unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
     let config = read_json(&dir.path().join("config.json"));
@@ -71,6 +73,7 @@ fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
         "from step 120: posterior_references 0 (was 4)",
         "from step 120: time_sampling uniform (was logit_normal)",
         "from step 120: loss_balance 1 (was 0)",
+        "from step 120: ema_decay 0.9995 (was 0.999)",
     ] {
         assert!(notes.contains(change), "{notes}");
     }

@@ -60,6 +60,10 @@ pub struct TrainArgs {
     /// Adam's learning rate (on --resume: changes it from now on).
     #[arg(long)]
     learning_rate: Option<f64>,
+    /// Share of the weights' moving average each step keeps: nearer 1, the shipped weights
+    /// average over more steps (on --resume: changes it from now on).
+    #[arg(long, value_name = "DECAY")]
+    ema_decay: Option<f64>,
     /// Channels of the convolutional head (on --resume: adds one to a run that has none).
     #[arg(long, value_name = "CHANNELS")]
     conv_head: Option<usize>,
@@ -188,6 +192,11 @@ pub fn train(args: TrainArgs) -> ExitCode {
     }
     if let Some(rate) = args.learning_rate {
         trainer.set_learning_rate(rate);
+    }
+    if let Some(decay) = args.ema_decay
+        && let Err(e) = trainer.set_ema_decay(decay)
+    {
+        return fail(EXIT_BAD_INPUT, format!("{e:#}"));
     }
     if let Some(sampling) = args.time_sampling {
         trainer.set_time_sampling(sampling.into());

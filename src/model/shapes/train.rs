@@ -559,6 +559,20 @@ impl Trainer {
         self.note_change("learning_rate", old, rate);
     }
 
+    /// Changes how slowly the shipped weights average the trained ones from now on (each step
+    /// keeps `decay` of the average), noting the change in the record. The average goes on from
+    /// where it is, so a longer one reaches its full length only after about `1 / (1 − decay)`
+    /// more steps.
+    pub fn set_ema_decay(&mut self, decay: f64) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (0.0..1.0).contains(&decay),
+            "the EMA decay must be at least 0 and below 1, not {decay}"
+        );
+        let old = std::mem::replace(&mut self.settings.ema_decay, decay);
+        self.note_change("ema_decay", old, decay);
+        Ok(())
+    }
+
     /// Changes how far the noise levels' shares of the gradient are evened out from now on,
     /// noting the change in the record.
     pub fn set_loss_balance(&mut self, balance: f64) {
