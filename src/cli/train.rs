@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use flowline::model::shapes::train::{Growth, TimeSampling, TrainSettings, Trainer};
+use flowline::model::shapes::train::{Growth, ShapeWeights, TimeSampling, TrainSettings, Trainer};
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, TrainingSession, fail};
 
@@ -102,6 +102,12 @@ pub struct TrainArgs {
     /// inside a patch weigh like the mean colours (on --resume: changes it from now on).
     #[arg(long, value_name = "P", value_parser = balance_power)]
     channel_loss_power: Option<f64>,
+    /// How often each shape is trained on relative to the others, as `cross=2,star=1.5`
+    /// (shapes not named weigh 1; a picture is kept with probability its shape's weight over
+    /// the largest); an empty list trains every shape alike (on --resume: changes it from now
+    /// on).
+    #[arg(long, value_name = "SHAPE=WEIGHT,...", value_parser = ShapeWeights::parse)]
+    shape_weights: Option<ShapeWeights>,
     /// Checkpoint this often (minutes).
     #[arg(long, default_value_t = 5.0)]
     save_every: f64,
@@ -206,6 +212,9 @@ pub fn train(args: TrainArgs) -> ExitCode {
     }
     if let Some(balance) = args.loss_balance {
         trainer.set_loss_balance(balance);
+    }
+    if let Some(weights) = args.shape_weights.clone() {
+        trainer.set_shape_weights(weights);
     }
     if let Some(power) = args.channel_loss_power
         && let Err(e) = trainer.set_channel_loss_power(power)
