@@ -1,9 +1,10 @@
 //! The shipped shapes model (`assets/models/shapes`, with its guide in
 //! `assets/models/shapes-guide`): it loads through the default workflow,
 //! a fixed seed reproduces its reference image, the README's prompt gives that picture, and a
-//! rough blob given as the start comes back clean. The test of the adherence targets, which it
-//! does not meet yet, is ignored while the shipped weights are still in training;
-//! `cargo test --release -- --ignored` runs it. No test here trains.
+//! rough blob given as the start comes back clean, and 200 held-out prompts meet the 4-step
+//! adherence target. The test of the 16-step target, which it does not meet yet, is ignored
+//! while the shipped weights are still in training; `cargo test --release -- --ignored` runs
+//! it. No test here trains.
 
 use std::path::Path;
 use std::time::Duration;
@@ -100,9 +101,9 @@ fn the_readme_prompt_gives_that_picture() {
     assert!(judgement.all_correct(), "{judgement:?}");
 }
 
-#[test]
-#[ignore = "the shipped shapes weights are still in training (issue 3)"]
-fn held_out_prompts_meet_the_adherence_targets() {
+/// Adherence of the shipped model with its guide on the first `prompts` held-out prompts at
+/// `steps` Euler steps, with the default workflow's guidance at CFG scale `scale`.
+fn held_out_adherence(prompts: usize, steps: usize, scale: f64) -> f64 {
     let load = |family: &flowline::model::Family| {
         (family.load)(
             &LoadRequest::new("", &candle_core::Device::Cpu),
@@ -111,45 +112,63 @@ fn held_out_prompts_meet_the_adherence_targets() {
         .unwrap()
     };
     let model = load(&shapes::FAMILY);
-    let weak = WeakGuide {
-        model: load(&shapes::GUIDE_FAMILY),
-        scale: 4.0,
-    };
-    let guidance = Guidance {
+    let default_guidance = Guidance {
         scale: 4.0,
         method: GuidanceMethod::Rescale,
         interval: (0.3, 1.0),
         ..Guidance::default()
     };
+    let weak = WeakGuide {
+        model: load(&shapes::GUIDE_FAMILY),
+        scale: 4.0,
+    };
     // The default workflow's settings, so this measures what a user gets.
     let workflow = shapes_workflow();
     let cfg = &workflow.graph.node("cfg").unwrap().params;
     for (name, value) in [
-        ("scale", guidance.scale),
-        ("interval_low", guidance.interval.0),
+        ("scale", default_guidance.scale),
+        ("interval_low", default_guidance.interval.0),
         ("autoguide_scale", weak.scale),
     ] {
         assert_eq!(cfg[name], ParamValue::Float(value), "{name}");
     }
     assert_eq!(
         cfg["method"],
-        ParamValue::Text(guidance.method.name().into())
+        ParamValue::Text(default_guidance.method.name().into())
     );
-    let cases = held_out_cases(60);
     let settings = EvalSettings {
         samplers: vec![SamplerKind::Euler],
-        steps: vec![4, 16],
+        steps: vec![steps],
         scheduler: Scheduler::Shifted { shift: 3.0 },
-        guidance,
-        batch: 30,
+        guidance: Guidance {
+            scale,
+            ..default_guidance
+        },
+        batch: 40,
         start_sigma: 1.0,
         eta: 1.0,
         // No caption classifier ships (see the README), so the default workflow has none.
         classifier_scale: 0.0,
     };
+    let cases = held_out_cases(prompts);
     let rows = evaluate(&model, Some(&weak), &cases, &settings, &mut |_, _| {}).unwrap();
-    assert!(rows[0].adherence >= 0.75, "4 steps: {:?}", rows[0]);
-    assert!(rows[1].adherence >= 0.90, "16 steps: {:?}", rows[1]);
+    println!("{steps} steps at CFG {scale}: {:?}", rows[0]);
+    rows[0].adherence
+}
+
+/// At 4 steps the default scale burns in (see the README), so this measures the scale the
+/// README gives for few steps, 2.
+#[test]
+fn four_steps_at_cfg_2_meet_the_few_step_adherence_target() {
+    let adherence = held_out_adherence(200, 4, 2.0);
+    assert!(adherence >= 0.75, "4 steps: {adherence}");
+}
+
+#[test]
+#[ignore = "the shipped shapes weights are still in training (issue 3)"]
+fn sixteen_steps_meet_the_adherence_target() {
+    let adherence = held_out_adherence(200, 16, 4.0);
+    assert!(adherence >= 0.90, "16 steps: {adherence}");
 }
 
 #[test]
