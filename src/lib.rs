@@ -1,14 +1,15 @@
-//! Flowline's engine: flow-matching mathematics, the node graph, the background executor,
-//! workflow files and the models. It knows nothing of any user interface; the desktop app and
-//! the command line are thin layers on top.
+//! The `flowline` program over its crates: the engine, the model families and the app.
+//!
+//! The engine knows no model family; the program decides which it offers. This library says
+//! so in one place, for the command line, the app and the tests alike.
 
-pub mod analyse;
-pub mod dataset;
-pub mod eval;
-pub mod executor;
-pub mod files;
-pub mod flow;
-pub mod graph;
-pub mod model;
-pub mod nodes;
-pub mod workflow;
+/// Installs every model family Flowline offers into the engine: the embedded shapes model
+/// and its companions first (the default workflow's), then FLUX.1 and SD3.5. Call it before
+/// the engine reads a workflow or its node registry; calling it again does nothing.
+pub fn install_model_families() {
+    flowline_engine::model::install_families(
+        flowline_shapes::FAMILIES
+            .into_iter()
+            .chain(flowline_models::FAMILIES),
+    );
+}

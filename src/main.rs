@@ -1,6 +1,5 @@
-//! The `flowline` command: a thin layer over the engine library.
+//! The `flowline` command: a thin layer over the engine, the model families and the app.
 
-mod app;
 mod cli;
 
 use std::path::PathBuf;
@@ -64,6 +63,7 @@ enum Command {
 fn main() -> ExitCode {
     // SAFETY: mi_option_set only stores the value; any option number is accepted.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
+    flowline::install_model_families();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Run(args)) => cli::run::run(args),
@@ -72,8 +72,8 @@ fn main() -> ExitCode {
         Some(Command::Train(args)) => cli::train::train(args),
         Some(Command::TrainClassifier(args)) => cli::train_classifier::train_classifier(args),
         Some(Command::Eval(args)) => cli::eval::eval(args),
-        Some(Command::Open { file }) => app::launch(Some(file)),
-        None => app::launch(None),
+        Some(Command::Open { file }) => flowline_app::launch(Some(file)),
+        None => flowline_app::launch(None),
         Some(Command::Models(args)) => cli::models::models(args),
     }
 }

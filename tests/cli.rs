@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 const DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/workflows/default.json");
+const TINY_PRESET: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/presets/tiny.toml");
 
 fn flowline(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_flowline"))
@@ -137,55 +138,47 @@ fn bad_parameters_exit_2() {
 
     let run = dir.path().join("run");
     let run = run.to_str().unwrap();
+    let preset = dir.path().join("preset.toml");
+    let tiny = std::fs::read_to_string(TINY_PRESET).unwrap();
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (
+            &[("latent_whitening = 0.0", "latent_whitening = 2.0")],
+            "latent_whitening must be between 0 and 1, not 2",
+        ),
+        (
+            &[("loss_balance = 0.0", "loss_balance = 1.5")],
+            "loss_balance must be between 0 and 1, not 1.5",
+        ),
+        (
+            &[
+                ("conv_head = 8", "conv_head = 0"),
+                ("conv_head_features = false", "conv_head_features = true"),
+            ],
+            "network.conv_head_features needs a convolutional head",
+        ),
+        (
+            &[("seed = 7", "seed = 7\nseeds = 8")],
+            "unknown field `seeds`",
+        ),
+        (&[("batch = 8", "")], "missing field `batch`"),
+    ];
+    for (edits, message) in cases {
+        let broken = edits
+            .iter()
+            .fold(tiny.clone(), |text, (from, to)| text.replace(from, to));
+        std::fs::write(&preset, broken).unwrap();
+        let output = flowline(&["train", "--out", run, "--preset", preset.to_str().unwrap()]);
+        assert_bad_input(&output, "preset.toml is not valid");
+        assert_bad_input(&output, message);
+    }
     assert_bad_input(
-        &flowline(&["train", "--out", run, "--resume", "--latent-whitening", "1"]),
-        "a resumed run keeps its own",
+        &flowline(&["train", "--out", run, "--preset", "/no/such/preset.toml"]),
+        "cannot read preset /no/such/preset.toml",
     );
-    for (flag, value, message) in [
-        (
-            "--latent-whitening",
-            "2",
-            "the latent whitening must be between 0 and 1, not 2",
-        ),
-        (
-            "--loss-balance",
-            "1.5",
-            "invalid value '1.5' for '--loss-balance <P>': the power must be between 0 and 1, not 1.5",
-        ),
-        (
-            "--channel-loss-power",
-            "2",
-            "invalid value '2' for '--channel-loss-power <P>': the power must be between 0 and 1, not 2",
-        ),
-    ] {
-        assert_bad_input(
-            &flowline(&["train", "--out", run, "--preset", "tiny", flag, value]),
-            message,
-        );
-    }
-    for head_option in [
-        &["--conv-head-scales", "2"][..],
-        &["--conv-head-blocks", "3"],
-        &["--conv-head-features"],
-    ] {
-        let mut args = vec![
-            "train",
-            "--out",
-            run,
-            "--preset",
-            "tiny",
-            "--conv-head",
-            "0",
-        ];
-        args.extend_from_slice(head_option);
-        assert_bad_input(
-            &flowline(&args),
-            &format!(
-                "{} shapes the convolutional head, which --conv-head 0 leaves out",
-                head_option[0]
-            ),
-        );
-    }
+    assert_bad_input(
+        &flowline(&["train", "--out", run, "--resume"]),
+        "checkpoint.json",
+    );
     assert!(!Path::new(run).exists());
 }
 
@@ -307,7 +300,7 @@ fn eval_reports_every_case_and_saves_its_image_named_by_the_verdict() {
         assert_eq!(name, format!("{index:03}-{verdict}-{prompt}.png"));
         // The saved picture is the one judged: the analyser reads it the same way again.
         let picture = image::open(file).unwrap().to_rgb8();
-        match flowline::analyse::analyse(&picture) {
+        match flowline_shapes::analyse::analyse(&picture) {
             Ok(seen) => {
                 assert_eq!(case["seen"]["shape"], seen.shape.name(), "{case}");
                 assert_eq!(case["seen"]["color"], seen.color.name(), "{case}");
@@ -442,7 +435,15 @@ fn a_caption_classifier_trains_in_a_model_folder_resumes_and_guides_its_runs() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     let model = model.to_str().unwrap();
-    let output = flowline(&["train", "--out", model, "--preset", "tiny", "--steps", "2"]);
+    let output = flowline(&[
+        "train",
+        "--out",
+        model,
+        "--preset",
+        TINY_PRESET,
+        "--steps",
+        "2",
+    ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let classifier = |extra: &[&str]| {
         let mut args = vec!["train-classifier", "--model", model, "--preset", "tiny"];

@@ -2,10 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use flowline::executor::{Event, Executor, RunFailure, RunId};
-use flowline::graph::ParamValue;
-use flowline::nodes::RunEnv;
-use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_engine::executor::{Event, Executor, RunFailure, RunId};
+use flowline_engine::graph::ParamValue;
+use flowline_engine::nodes::context::RunEnv;
+use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
 
 /// The default workflow on the weightless exemplar model, without the autoguidance meant for
 /// the shapes model: these tests are about the executor, not about any trained model.
@@ -64,6 +64,7 @@ fn started(e: &Event) -> Option<&String> {
 
 #[test]
 fn changing_only_the_seed_serves_loader_and_prompts_from_cache() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut workflow = default_workflow();
@@ -99,6 +100,7 @@ fn changing_only_the_seed_serves_loader_and_prompts_from_cache() {
 
 #[test]
 fn every_step_streams_a_record_and_previews() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let run = executor.run(default_workflow().graph, env(&dir));
@@ -134,6 +136,7 @@ fn every_step_streams_a_record_and_previews() {
 
 #[test]
 fn cancel_takes_effect_within_one_step() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut workflow = default_workflow();
@@ -171,6 +174,7 @@ fn cancel_takes_effect_within_one_step() {
 
 #[test]
 fn queued_runs_execute_in_order_and_a_queued_run_can_be_cancelled() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let graph = default_workflow().graph;
@@ -215,6 +219,7 @@ fn failed_node_message(events: &[Event], node: &str) -> String {
 
 #[test]
 fn a_failing_node_fails_its_run_but_not_the_executor() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut workflow = default_workflow();
@@ -239,6 +244,7 @@ fn a_failing_node_fails_its_run_but_not_the_executor() {
 
 #[test]
 fn a_guide_model_of_another_latent_space_is_refused_by_name() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut workflow = default_workflow();
@@ -257,6 +263,7 @@ fn a_guide_model_of_another_latent_space_is_refused_by_name() {
 
 #[test]
 fn an_invalid_graph_fails_before_anything_runs() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut workflow = default_workflow();
@@ -289,6 +296,7 @@ fn an_invalid_graph_fails_before_anything_runs() {
 
 #[test]
 fn unknown_prompt_words_reach_the_event_stream_by_name() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut workflow = default_workflow();
@@ -313,8 +321,9 @@ fn unknown_prompt_words_reach_the_event_stream_by_name() {
 
 #[test]
 fn a_source_image_start_walks_the_schedule_from_its_strength() {
-    use flowline::analyse::analyse;
-    use flowline::graph::{Endpoint, Graph, Link, Node};
+    flowline::install_model_families();
+    use flowline_engine::graph::{Endpoint, Graph, Link, Node};
+    use flowline_shapes::analyse::analyse;
 
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source.png");
@@ -419,6 +428,7 @@ fn a_source_image_start_walks_the_schedule_from_its_strength() {
 
 #[test]
 fn an_empty_positive_prompt_is_pointed_out() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut workflow = default_workflow();

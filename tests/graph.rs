@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use flowline::graph::validate::validate;
-use flowline::graph::{Endpoint, Graph, Link, ParamValue};
-use flowline::workflow::Workflow;
+use flowline_engine::graph::{Endpoint, Graph, Link, ParamValue};
+use flowline_engine::validate::validate;
+use flowline_engine::workflow::Workflow;
 
 fn default_graph() -> Graph {
     Workflow::load(Path::new(concat!(
@@ -37,6 +37,7 @@ fn link(from: (&str, &str), to: (&str, &str)) -> Link {
 
 #[test]
 fn the_default_graph_plans_every_node_in_dependency_order() {
+    flowline::install_model_families();
     let plan = validate(&default_graph()).unwrap();
     let position = |id: &str| plan.order.iter().position(|n| n == id).unwrap();
     assert_eq!(plan.order.len(), 9);
@@ -50,6 +51,7 @@ fn the_default_graph_plans_every_node_in_dependency_order() {
 
 #[test]
 fn a_missing_required_input_is_named() {
+    flowline::install_model_families();
     let mut graph = default_graph();
     graph
         .links
@@ -62,6 +64,7 @@ fn a_missing_required_input_is_named() {
 
 #[test]
 fn a_type_mismatch_is_named() {
+    flowline::install_model_families();
     let mut graph = default_graph();
     graph
         .links
@@ -79,8 +82,9 @@ fn a_type_mismatch_is_named() {
 
 #[test]
 fn a_cycle_is_named() {
+    flowline::install_model_families();
     let mut graph = default_graph();
-    graph.nodes.push(flowline::graph::Node {
+    graph.nodes.push(flowline_engine::graph::Node {
         id: "again".into(),
         type_name: "sampler".into(),
         position: [0.0, 0.0],
@@ -111,6 +115,7 @@ fn a_cycle_is_named() {
 
 #[test]
 fn bad_parameters_are_named() {
+    flowline::install_model_families();
     let mut graph = default_graph();
     let cfg = graph.node_mut("cfg").unwrap();
     cfg.params
@@ -134,6 +139,7 @@ fn bad_parameters_are_named() {
 
 #[test]
 fn doubled_inputs_and_dangling_links_are_named() {
+    flowline::install_model_families();
     let mut graph = default_graph();
     graph
         .links
@@ -163,6 +169,7 @@ fn doubled_inputs_and_dangling_links_are_named() {
 
 #[test]
 fn a_graph_without_outputs_has_nothing_to_do() {
+    flowline::install_model_families();
     let mut graph = default_graph();
     graph.nodes.retain(|n| n.id != "save");
     graph.links.retain(|l| l.to.node != "save");

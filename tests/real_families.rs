@@ -14,11 +14,11 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
-use flowline::executor::{Event, Executor};
-use flowline::model::discovery::{scan_hf_cache, scan_models_folder};
-use flowline::model::{FlowModel, LoadRequest, family};
-use flowline::nodes::RunEnv;
-use flowline::workflow::Workflow;
+use flowline_engine::executor::{Event, Executor};
+use flowline_engine::model::{FlowModel, LoadRequest, family};
+use flowline_engine::nodes::context::RunEnv;
+use flowline_engine::workflow::Workflow;
+use flowline_models::discovery::{scan_hf_cache, scan_models_folder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -561,6 +561,7 @@ fn assert_is_a_picture(image: &image::RgbImage) {
 
 #[test]
 fn flux_schnell_runs_its_shipped_workflow_from_a_downloaded_folder() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = flat_folder(dir.path(), false);
     let workflow = tiny_workflow("flux-schnell.json", &folder);
@@ -571,6 +572,7 @@ fn flux_schnell_runs_its_shipped_workflow_from_a_downloaded_folder() {
 
 #[test]
 fn flux_dev_runs_from_a_comfyui_models_folder() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let transformer = comfyui_models(&dir.path().join("models"), true);
     let (image, previews) = run(tiny_workflow("flux-dev.json", &transformer));
@@ -580,13 +582,14 @@ fn flux_dev_runs_from_a_comfyui_models_folder() {
 
 #[test]
 fn the_distilled_guidance_reaches_flux_dev_and_schnell_has_none() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let dev = load("flux-dev", &flat_folder(&dir.path().join("dev"), true)).unwrap();
     let shape = dev.latent_shape(SIDE, SIDE).unwrap();
     assert_eq!(shape, [1, 16, SIDE / 8, SIDE / 8]);
-    let x = flowline::flow::noise::gaussian(7, shape.clone(), &Device::Cpu).unwrap();
+    let x = flowline_engine::flow::noise::gaussian(7, shape.clone(), &Device::Cpu).unwrap();
     let mut cond = dev.encode_prompt("a red star").unwrap();
-    let velocity = |model: &dyn FlowModel, cond: &flowline::model::Conditioning| {
+    let velocity = |model: &dyn FlowModel, cond: &flowline_engine::model::Conditioning| {
         model.velocity(&x, 0.6, cond).unwrap()
     };
     cond.distilled_guidance = Some(1.0);
@@ -619,6 +622,7 @@ fn the_distilled_guidance_reaches_flux_dev_and_schnell_has_none() {
 /// same packing, timestep scale, guidance input and sign.
 #[test]
 fn an_euler_step_matches_candles_reference_flux_loop() {
+    flowline::install_model_families();
     use candle_transformers::models::flux::model::{Config, Flux};
     use candle_transformers::models::flux::sampling::{State, denoise, unpack};
 
@@ -626,7 +630,7 @@ fn an_euler_step_matches_candles_reference_flux_loop() {
     let folder = flat_folder(dir.path(), true);
     let model = load("flux-dev", &folder).unwrap();
     let cond = model.encode_prompt("a red star").unwrap();
-    let x = flowline::flow::noise::gaussian(11, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let x = flowline_engine::flow::noise::gaussian(11, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
     let (sigma, next) = (0.8, 0.55);
     let ours = (&x + model.velocity(&x, sigma, &cond).unwrap() * (next - sigma)).unwrap();
 
@@ -653,7 +657,7 @@ fn an_euler_step_matches_candles_reference_flux_loop() {
     let reference = Flux::new(&config, vb).unwrap();
     let pooled = cond.pooled.as_ref().unwrap();
     let state = State::new(&cond.context, pooled, &x).unwrap();
-    let guidance = flowline::model::flux::DEFAULT_DISTILLED_GUIDANCE;
+    let guidance = flowline_engine::model::DEFAULT_DISTILLED_GUIDANCE;
     let packed = denoise(
         &reference,
         &state.img,
@@ -674,6 +678,7 @@ fn an_euler_step_matches_candles_reference_flux_loop() {
 
 #[test]
 fn prompts_change_the_conditioning_and_the_velocity() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let model = load("flux-schnell", &flat_folder(dir.path(), false)).unwrap();
     let red = model.encode_prompt("a red star").unwrap();
@@ -684,7 +689,7 @@ fn prompts_change_the_conditioning_and_the_velocity() {
         "schnell reads 256 T5 tokens"
     );
     assert_eq!(red.pooled.as_ref().unwrap().dims(), [1, CLIP_WIDTH]);
-    let x = flowline::flow::noise::gaussian(3, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let x = flowline_engine::flow::noise::gaussian(3, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
     let difference = largest_difference(
         &model.velocity(&x, 0.5, &red).unwrap(),
         &model.velocity(&x, 0.5, &blue).unwrap(),
@@ -694,6 +699,7 @@ fn prompts_change_the_conditioning_and_the_velocity() {
 
 #[test]
 fn a_quantized_gguf_transformer_runs_close_to_its_safetensors_original() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let full = load(
         "flux-schnell",
@@ -710,7 +716,7 @@ fn a_quantized_gguf_transformer_runs_close_to_its_safetensors_original() {
         quantized.describe()
     );
 
-    let x = flowline::flow::noise::gaussian(9, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let x = flowline_engine::flow::noise::gaussian(9, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
     let velocity = |model: &dyn FlowModel| {
         let cond = model.encode_prompt("a red star").unwrap();
         model.velocity(&x, 0.5, &cond).unwrap()
@@ -730,6 +736,7 @@ fn a_quantized_gguf_transformer_runs_close_to_its_safetensors_original() {
 /// must tokenize exactly as CLIP's `tokenizer.json` does.
 #[test]
 fn clips_vocab_and_merges_tokenize_like_its_tokenizer_json() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let with_json = load(
         "flux-schnell",
@@ -765,6 +772,7 @@ fn clips_vocab_and_merges_tokenize_like_its_tokenizer_json() {
 
 #[test]
 fn a_single_file_checkpoint_holds_every_piece() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let (clip_tokenizer, clip_vocab) = clip_tokenizer_json();
     let (t5_tokenizer, t5_vocab) = t5_tokenizer_json();
@@ -790,7 +798,8 @@ fn a_single_file_checkpoint_holds_every_piece() {
         "{}",
         model.describe()
     );
-    let latent = flowline::flow::noise::gaussian(1, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let latent =
+        flowline_engine::flow::noise::gaussian(1, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
     let image = model.decode(&latent).unwrap();
     assert_eq!(image.dims(), [3, SIDE, SIDE]);
     let again = model.encode_image(&image).unwrap();
@@ -799,6 +808,7 @@ fn a_single_file_checkpoint_holds_every_piece() {
 
 #[test]
 fn a_missing_tensor_is_named_with_its_file() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = flat_folder(dir.path(), false);
     let mut transformer = flux_transformer(false, "");
@@ -814,6 +824,7 @@ fn a_missing_tensor_is_named_with_its_file() {
 
 #[test]
 fn a_wrong_shape_says_expected_and_found() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = flat_folder(dir.path(), false);
     let mut transformer = flux_transformer(false, "");
@@ -830,6 +841,7 @@ fn a_wrong_shape_says_expected_and_found() {
 
 #[test]
 fn a_file_of_another_family_is_named() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     let schnell = comfyui_models(&models, false);
@@ -847,6 +859,7 @@ fn a_file_of_another_family_is_named() {
 
 #[test]
 fn a_missing_piece_says_what_and_where_it_looked() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = flat_folder(dir.path(), false);
     std::fs::remove_file(folder.join("ae.safetensors")).unwrap();
@@ -875,6 +888,7 @@ fn a_missing_piece_says_what_and_where_it_looked() {
 
 #[test]
 fn pickle_checkpoints_are_refused() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let pickle = dir.path().join("flux1-schnell.ckpt");
     std::fs::write(&pickle, b"\x80\x04 not really a pickle").unwrap();
@@ -885,6 +899,7 @@ fn pickle_checkpoints_are_refused() {
 
 #[test]
 fn discovery_lists_the_hugging_face_cache_and_a_models_folder() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("hub");
     let snapshot = cache.join("models--black-forest-labs--FLUX.1-schnell/snapshots/0123abcd");
@@ -918,6 +933,7 @@ fn flowline(args: &[&str]) -> Output {
 
 #[test]
 fn the_command_line_runs_flux_schnell_and_exits_2_on_a_bad_path() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = flat_folder(&dir.path().join("flux"), false);
     let workflow = format!("{WORKFLOWS}/flux-schnell.json");
@@ -1056,6 +1072,7 @@ fn load_request(
 
 #[test]
 fn sd35_large_runs_its_shipped_workflow_with_cfg_and_a_negative_prompt() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = sd3_folder(dir.path(), false);
     let mut workflow = tiny_workflow("sd3.5.json", &folder);
@@ -1071,6 +1088,7 @@ fn sd35_large_runs_its_shipped_workflow_with_cfg_and_a_negative_prompt() {
 
 #[test]
 fn sd35_conditioning_joins_the_encoders_and_the_prompt_moves_the_velocity() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let model = load_request("sd3.5-medium", &without_clip(&sd3_folder(dir.path(), true))).unwrap();
     assert!(
@@ -1085,7 +1103,7 @@ fn sd35_conditioning_joins_the_encoders_and_the_prompt_moves_the_velocity() {
     assert_eq!(red.pooled.as_ref().unwrap().dims(), [1, 2048]);
     let shape = model.latent_shape(SIDE, SIDE).unwrap();
     assert_eq!(shape, [1, 16, SIDE / 8, SIDE / 8]);
-    let x = flowline::flow::noise::gaussian(5, shape, &Device::Cpu).unwrap();
+    let x = flowline_engine::flow::noise::gaussian(5, shape, &Device::Cpu).unwrap();
     let v = model.velocity(&x, 0.7, &red).unwrap();
     assert_eq!(v.dtype(), DType::F32);
     let difference: f32 = largest_difference(&v, &model.velocity(&x, 0.7, &blue).unwrap());
@@ -1096,6 +1114,7 @@ fn sd35_conditioning_joins_the_encoders_and_the_prompt_moves_the_velocity() {
 
 #[test]
 fn sd35_medium_and_large_are_told_apart() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let medium = sd3_folder(&dir.path().join("medium"), true);
     let error = match load_request(
@@ -1127,6 +1146,7 @@ fn sd35_medium_and_large_are_told_apart() {
 
 #[test]
 fn sd35_names_a_missing_clip_and_a_clip_of_another_size() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = sd3_folder(dir.path(), false);
     let mut request = LoadRequest::new(&folder, &Device::Cpu);
@@ -1167,6 +1187,7 @@ fn sd35_names_a_missing_clip_and_a_clip_of_another_size() {
 
 #[test]
 fn discovery_names_sd35_models() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let snapshot = dir
         .path()
@@ -1221,6 +1242,7 @@ fn released_clip_l() -> Tensors {
 /// CLIP-L's projection beside zeros.
 #[test]
 fn sd35_conditioning_with_a_released_clip_l() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path();
     let (clip_tokenizer, _) = clip_tokenizer_json();
@@ -1263,13 +1285,14 @@ fn sd35_conditioning_with_a_released_clip_l() {
         largest(clip_part.narrow(2, 768, context - 768).unwrap()),
         0.0
     );
-    let x = flowline::flow::noise::gaussian(2, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let x = flowline_engine::flow::noise::gaussian(2, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
     let v = model.velocity(&x, 0.5, &cond).unwrap();
     assert_eq!(v.dims(), [1, 16, 4, 4]);
 }
 
 #[test]
 fn the_models_command_lists_the_cache_and_a_models_folder() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let snapshot = dir
         .path()
@@ -1303,6 +1326,7 @@ fn the_models_command_lists_the_cache_and_a_models_folder() {
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn a_gpu_device_this_build_lacks_is_bad_input_saying_how_to_get_it() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut workflow = tiny_workflow("flux-schnell.json", &flat_folder(dir.path(), false));
     workflow.apply_assignment("model.device=cuda").unwrap();
@@ -1334,6 +1358,7 @@ fn a_gpu_device_this_build_lacks_is_bad_input_saying_how_to_get_it() {
 /// Removing the T5 file after a first prompt tells the two apart.
 #[test]
 fn text_encoders_are_freed_after_a_prompt_unless_kept() {
+    flowline::install_model_families();
     for keep in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let folder = flat_folder(dir.path(), false);

@@ -7,15 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
-use flowline::dataset::GRAMMAR;
-use flowline::executor::{Event, Executor, RunFailure};
-use flowline::model::shapes::train::{
-    CHECKPOINT_FILE, Growth, TimeSampling, TrainSettings, Trainer,
-};
-use flowline::model::shapes::{ShapesModel, WEIGHTS_FILE};
-use flowline::model::{FlowModel, image_from_tensor};
-use flowline::nodes::RunEnv;
-use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_engine::executor::{Event, Executor, RunFailure};
+use flowline_engine::model::{FlowModel, image_from_tensor};
+use flowline_engine::nodes::context::RunEnv;
+use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_shapes::config::WEIGHTS_FILE;
+use flowline_shapes::dataset::GRAMMAR;
+use flowline_shapes::model::ShapesModel;
+use flowline_shapes::train::{CHECKPOINT_FILE, Growth, TimeSampling, TrainSettings, Trainer};
 
 /// The JSON file at `path`.
 fn read_json(path: &Path) -> serde_json::Value {
@@ -47,12 +46,14 @@ fn train_until_the_loss_falls(settings: TrainSettings, folder: &Path) {
 
 #[test]
 fn a_few_training_steps_lower_the_loss() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     train_until_the_loss_falls(TrainSettings::tiny(), dir.path());
 }
 
 #[test]
 fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut settings = TrainSettings::tiny();
     settings.posterior_references = 4;
@@ -81,6 +82,7 @@ fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
 
 #[test]
 fn a_balanced_loss_lowers_the_loss_and_keeps_its_band_means_across_a_resume() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut settings = TrainSettings::tiny();
     settings.loss_balance = 1.0;
@@ -100,6 +102,7 @@ fn a_balanced_loss_lowers_the_loss_and_keeps_its_band_means_across_a_resume() {
 
 #[test]
 fn a_channel_weighted_loss_lowers_the_loss_and_is_kept_across_a_resume() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut settings = TrainSettings::tiny();
     settings.channel_loss_power = 0.5;
@@ -119,6 +122,7 @@ fn a_channel_weighted_loss_lowers_the_loss_and_is_kept_across_a_resume() {
 
 #[test]
 fn training_resumes_where_it_stopped() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 3);
     let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
@@ -136,6 +140,57 @@ fn training_resumes_where_it_stopped() {
     let config = read_json(&dir.path().join("config.json"));
     assert_eq!(config["training"]["steps"], 3);
     assert_eq!(config["training"]["command"], "test");
+}
+
+#[test]
+fn a_preset_moves_a_resumed_run_and_grows_its_network() {
+    let dir = tempfile::tempdir().unwrap();
+    train_tiny(dir.path(), 2);
+    let mut preset = TrainSettings::tiny();
+    preset.learning_rate = 1e-3;
+    preset.posterior_references = 3;
+    preset.network.depth += 1;
+    preset.network.conv_head_features = true;
+    let mut resumed = Trainer::resume_toward(dir.path(), &Device::Cpu, Some(&preset)).unwrap();
+    assert_eq!(resumed.settings(), &preset);
+    resumed.train_step(0).unwrap();
+    resumed.save(dir.path(), "test").unwrap();
+    let notes = read_json(&dir.path().join("config.json"))["training"]["notes"].clone();
+    for change in [
+        "from step 2: learning_rate 0.001 (was 0.002)",
+        "from step 2: posterior_references 3 (was 0)",
+        "from step 2: depth 2 (was 1)",
+        "from step 2: conv_head_features true (was false)",
+    ] {
+        assert!(
+            notes.as_array().unwrap().iter().any(|n| n == change),
+            "{change} missing from {notes}"
+        );
+    }
+
+    let refused = |change: fn(&mut TrainSettings)| {
+        let mut changed = preset.clone();
+        change(&mut changed);
+        match Trainer::resume_toward(dir.path(), &Device::Cpu, Some(&changed)) {
+            Ok(_) => panic!("a preset that cannot apply to the run was taken"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let wider = refused(|p| p.network.hidden = 64);
+    assert!(
+        wider.contains("network.hidden cannot change from 32 to 64"),
+        "{wider}"
+    );
+    let shallower = refused(|p| p.network.depth = 1);
+    assert!(
+        shallower.contains("its DiT already has 2 blocks (asked for 1)"),
+        "{shallower}"
+    );
+    let reseeded = refused(|p| p.seed = 8);
+    assert!(
+        reseeded.contains("seed is fixed when a run starts"),
+        "{reseeded}"
+    );
 }
 
 /// The largest difference between the velocities the model saved in `folder` gives before
@@ -158,6 +213,7 @@ fn change_from_growth(folder: &Path, grow: impl FnOnce() -> Trainer) -> (f32, Tr
 
 #[test]
 fn parts_added_to_a_run_start_as_the_identity_and_train() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut settings = TrainSettings::tiny();
     settings.network.conv_head = 0;
@@ -283,6 +339,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
 
 #[test]
 fn the_same_seed_trains_the_same_weights() {
+    flowline::install_model_families();
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     train_tiny(a.path(), 2);
     train_tiny(b.path(), 2);
@@ -326,6 +383,7 @@ fn run_default_workflow(model: &Path, out: &Path, assignments: &[&str]) -> Vec<E
 
 #[test]
 fn a_trained_folder_runs_through_the_default_workflow() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 2);
     let assignments = ["sampler.steps=3", "prompt.text=a red star, thanks"];
@@ -364,6 +422,7 @@ fn load_error(folder: &Path) -> String {
 
 #[test]
 fn broken_model_files_are_named() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothing-here");
     assert!(
@@ -425,6 +484,7 @@ fn broken_model_files_are_named() {
 
 #[test]
 fn a_bad_model_path_fails_the_load_node_as_bad_input() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let events = run_default_workflow(Path::new("/no/such/model"), dir.path(), &[]);
     let Some(Event::RunFailed {
@@ -448,9 +508,9 @@ fn a_bad_model_path_fails_the_load_node_as_bad_input() {
 /// `folder`.
 fn round_trip_error(folder: &Path) -> f64 {
     let model = ShapesModel::load(folder, &Device::Cpu).unwrap();
-    let picture = flowline::dataset::sample(5, 0).image;
+    let picture = flowline_shapes::dataset::sample(5, 0).image;
     let latent = model
-        .encode_image(&flowline::model::tensor_from_image(&picture).unwrap())
+        .encode_image(&flowline_engine::model::tensor_from_image(&picture).unwrap())
         .unwrap();
     assert_eq!(latent.dims(), [1, 16, 16, 16]);
     let back = image_from_tensor(&model.decode(&latent).unwrap()).unwrap();
@@ -464,6 +524,7 @@ fn round_trip_error(folder: &Path) -> f64 {
 
 #[test]
 fn decoding_an_encoded_picture_gives_it_back() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 1);
     let error = round_trip_error(dir.path());
@@ -472,6 +533,7 @@ fn decoding_an_encoded_picture_gives_it_back() {
 
 #[test]
 fn a_whitened_run_keeps_its_latent_space_when_saved_loaded_and_resumed() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let mut settings = TrainSettings::tiny();
     settings.latent_whitening = 1.0;
@@ -507,6 +569,7 @@ fn a_whitened_run_keeps_its_latent_space_when_saved_loaded_and_resumed() {
 
 #[test]
 fn prompts_outside_the_caption_grammar_are_warned_about() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 1);
     let model = ShapesModel::load(dir.path(), &Device::Cpu).unwrap();
@@ -532,6 +595,7 @@ fn prompts_outside_the_caption_grammar_are_warned_about() {
 
 #[test]
 fn prompts_evaluated_as_one_batch_give_each_prompts_own_velocity() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     train_tiny(dir.path(), 3);
     let model = ShapesModel::load(dir.path(), &Device::Cpu).unwrap();

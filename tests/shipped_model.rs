@@ -8,17 +8,20 @@
 use std::path::Path;
 use std::time::Duration;
 
-use flowline::analyse::{analyse, judge};
-use flowline::dataset::Caption;
-use flowline::eval::{EvalSettings, WeakGuide, evaluate, held_out_cases};
-use flowline::executor::{Event, Executor};
-use flowline::flow::guidance::{Guidance, GuidanceMethod};
-use flowline::flow::sampler::SamplerKind;
-use flowline::flow::schedule::Scheduler;
-use flowline::graph::ParamValue;
-use flowline::model::{FlowModel, LoadRequest, shapes};
-use flowline::nodes::RunEnv;
-use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_engine::executor::{Event, Executor};
+use flowline_engine::flow::guidance::{Guidance, GuidanceMethod};
+use flowline_engine::flow::sampler::SamplerKind;
+use flowline_engine::flow::schedule::Scheduler;
+use flowline_engine::graph::ParamValue;
+use flowline_engine::model::{FlowModel, LoadRequest};
+use flowline_engine::nodes::context::RunEnv;
+use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_shapes::analyse::{analyse, judge};
+use flowline_shapes::config;
+use flowline_shapes::dataset::Caption;
+use flowline_shapes::eval::{EvalSettings, WeakGuide, evaluate, held_out_cases};
+use flowline_shapes::model as shapes;
+use flowline_shapes::train::TrainSettings;
 
 const REFERENCE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -66,6 +69,7 @@ fn shapes_workflow() -> Workflow {
 
 #[test]
 fn a_fixed_seed_reproduces_the_reference_image() {
+    flowline::install_model_families();
     let workflow = shapes_workflow();
     assert_eq!(
         workflow.graph.node("start").unwrap().params["seed"],
@@ -89,6 +93,7 @@ fn a_fixed_seed_reproduces_the_reference_image() {
 
 #[test]
 fn the_readme_prompt_gives_that_picture() {
+    flowline::install_model_families();
     let mut workflow = shapes_workflow();
     let prompt = "a large red star in the top left on a blue background";
     workflow
@@ -103,7 +108,7 @@ fn the_readme_prompt_gives_that_picture() {
 /// Adherence of the shipped model with its guide on the first `prompts` held-out prompts at
 /// `steps` Euler steps, with the default workflow's guidance at CFG scale `scale`.
 fn held_out_adherence(prompts: usize, steps: usize, scale: f64) -> f64 {
-    let load = |family: &flowline::model::Family| {
+    let load = |family: &flowline_engine::model::Family| {
         (family.load)(
             &LoadRequest::new("", &candle_core::Device::Cpu),
             &mut |_| {},
@@ -159,18 +164,21 @@ fn held_out_adherence(prompts: usize, steps: usize, scale: f64) -> f64 {
 /// README gives for few steps, 2.
 #[test]
 fn four_steps_at_cfg_2_meet_the_few_step_adherence_target() {
+    flowline::install_model_families();
     let adherence = held_out_adherence(200, 4, 2.0);
     assert!(adherence >= 0.75, "4 steps: {adherence}");
 }
 
 #[test]
 fn sixteen_steps_meet_the_adherence_target() {
+    flowline::install_model_families();
     let adherence = held_out_adherence(200, 16, 4.0);
     assert!(adherence >= 0.90, "16 steps: {adherence}");
 }
 
 #[test]
 fn a_rough_blob_comes_back_as_a_clean_shape_of_its_colour_and_place() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("blob.png");
     // A lumpy hand-drawn-looking purple disc in the bottom left of a yellow page.
@@ -187,7 +195,7 @@ fn a_rough_blob_comes_back_as_a_clean_shape_of_its_colour_and_place() {
         let text = |s: &str| ParamValue::Text(s.into());
         let mut workflow = shapes_workflow();
         let graph = &mut workflow.graph;
-        graph.nodes.push(flowline::graph::Node {
+        graph.nodes.push(flowline_engine::graph::Node {
             id: "image".into(),
             type_name: "load_image".into(),
             position: [0.0, 0.0],
@@ -196,12 +204,12 @@ fn a_rough_blob_comes_back_as_a_clean_shape_of_its_colour_and_place() {
         let start = graph.node_mut("start").unwrap();
         start.type_name = "source_image_start".into();
         start.params = [("strength".to_string(), ParamValue::Float(strength))].into();
-        graph.links.push(flowline::graph::Link {
-            from: flowline::graph::Endpoint {
+        graph.links.push(flowline_engine::graph::Link {
+            from: flowline_engine::graph::Endpoint {
                 node: "image".into(),
                 port: "image".into(),
             },
-            to: flowline::graph::Endpoint {
+            to: flowline_engine::graph::Endpoint {
                 node: "start".into(),
                 port: "image".into(),
             },
@@ -235,7 +243,8 @@ fn a_rough_blob_comes_back_as_a_clean_shape_of_its_colour_and_place() {
 
 #[test]
 fn the_shipped_files_are_small_and_record_their_training() {
-    let folders = [shapes::SHIPPED_DIR, shapes::SHIPPED_GUIDE_DIR].map(Path::new);
+    flowline::install_model_families();
+    let folders = [config::SHIPPED_DIR, config::SHIPPED_GUIDE_DIR].map(Path::new);
     let size: u64 = folders
         .iter()
         .flat_map(|folder| std::fs::read_dir(folder).unwrap())
@@ -243,7 +252,7 @@ fn the_shipped_files_are_small_and_record_their_training() {
         .sum();
     assert!(size <= 20 * 1024 * 1024, "{size} bytes");
     for folder in folders {
-        let config = shapes::read_config(folder).unwrap();
+        let config = config::read_config(folder).unwrap();
         assert!(config.training["seconds"].as_f64().unwrap() > 0.0);
         assert!(
             config.training["command"]
@@ -254,4 +263,12 @@ fn the_shipped_files_are_small_and_record_their_training() {
         let model = shapes::ShapesModel::load(folder, &candle_core::Device::Cpu).unwrap();
         assert!(model.describe().contains("shapes model"));
     }
+}
+
+#[test]
+fn the_shipped_preset_holds_the_settings_the_shipped_weights_were_last_trained_with() {
+    let config = config::read_config(Path::new(config::SHIPPED_DIR)).unwrap();
+    let recorded: TrainSettings =
+        serde_json::from_value(config.training["settings"].clone()).unwrap();
+    assert_eq!(TrainSettings::default_model(), recorded);
 }

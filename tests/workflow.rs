@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use flowline::workflow::{Workflow, WorkflowError};
+use flowline_engine::workflow::{Workflow, WorkflowError};
 
 const DEFAULT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/assets/workflows/default.json");
 
@@ -14,6 +14,7 @@ fn error_text(json: &str) -> String {
 
 #[test]
 fn the_default_workflow_has_the_documented_nodes_and_parameters() {
+    flowline::install_model_families();
     let workflow = Workflow::load(Path::new(DEFAULT)).unwrap();
     let ids: Vec<&str> = workflow.graph.nodes.iter().map(|n| n.id.as_str()).collect();
     for id in [
@@ -43,6 +44,7 @@ fn the_default_workflow_has_the_documented_nodes_and_parameters() {
 
 #[test]
 fn save_then_load_round_trips_and_keeps_ui_state() {
+    flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("copy.json");
     let mut workflow = Workflow::load(Path::new(DEFAULT)).unwrap();
@@ -53,6 +55,7 @@ fn save_then_load_round_trips_and_keeps_ui_state() {
 
 #[test]
 fn a_syntax_error_gives_line_and_column() {
+    flowline::install_model_families();
     let text = "{\n  \"format\": \"flowline-workflow\",\n  \"version\": 1,\n  \"nodes\": [ }\n";
     let err = Workflow::from_json(text, "test.json").unwrap_err();
     let WorkflowError::Syntax { line, column, .. } = &err else {
@@ -68,6 +71,7 @@ fn a_syntax_error_gives_line_and_column() {
 
 #[test]
 fn a_missing_field_is_named() {
+    flowline::install_model_families();
     let err =
         error_text(r#"{"format": "flowline-workflow", "version": 1, "nodes": [{"id": "a"}]}"#);
     assert!(err.contains("missing field `type`"), "{err}");
@@ -75,6 +79,7 @@ fn a_missing_field_is_named() {
 
 #[test]
 fn an_unknown_node_type_is_named() {
+    flowline::install_model_families();
     let err = error_text(
         r#"{"format": "flowline-workflow", "version": 1, "nodes": [{"id": "up", "type": "upscale"}]}"#,
     );
@@ -88,6 +93,7 @@ fn an_unknown_node_type_is_named() {
 
 #[test]
 fn other_formats_and_newer_versions_are_refused() {
+    flowline::install_model_families();
     let err = error_text(r#"{"format": "comfy", "version": 1, "nodes": []}"#);
     assert!(err.contains("this is not a Flowline workflow"), "{err}");
     let err = error_text(r#"{"format": "flowline-workflow", "version": 9, "nodes": []}"#);
@@ -99,6 +105,7 @@ fn other_formats_and_newer_versions_are_refused() {
 
 #[test]
 fn assignments_name_what_is_wrong() {
+    flowline::install_model_families();
     let mut workflow = Workflow::load(Path::new(DEFAULT)).unwrap();
     let err = workflow.apply_assignment("sampler.steps=many").unwrap_err();
     assert_eq!(err, "sampler.steps: \"many\" is not an integer");

@@ -18,15 +18,15 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{Device, Tensor};
 use clap::Args;
-use flowline::executor::{Event, Executor};
-use flowline::flow::noise::gaussian;
-use flowline::flow::sampler::{FreshNoise, SamplerKind, sample};
-use flowline::flow::schedule::Scheduler;
-use flowline::graph::ParamValue;
-use flowline::model::shapes::train::{TrainSettings, Trainer};
-use flowline::model::{FAMILY_NAMES, LoadRequest, family};
-use flowline::nodes::RunEnv;
-use flowline::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_engine::executor::{Event, Executor};
+use flowline_engine::flow::noise::gaussian;
+use flowline_engine::flow::sampler::{FreshNoise, SamplerKind, sample};
+use flowline_engine::flow::schedule::Scheduler;
+use flowline_engine::graph::ParamValue;
+use flowline_engine::model::{LoadRequest, family, family_names};
+use flowline_engine::nodes::context::RunEnv;
+use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_shapes::train::{TrainSettings, Trainer};
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
 
@@ -112,7 +112,7 @@ fn run(args: &BenchArgs, workflow: &Workflow) -> anyhow::Result<()> {
     let model_node = workflow.graph.node("model").map(|n| &n.params);
     let family_name = match model_node.and_then(|p| p.get("family")) {
         Some(ParamValue::Text(name)) => name.clone(),
-        _ => FAMILY_NAMES[0].to_string(),
+        _ => family_names()[0].to_string(),
     };
     let sampler = workflow.graph.node("sampler").map(|n| &n.params);
     let describe = |key: &str| {

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use flowline::dataset::sample_grid;
-use flowline::files::write_atomic;
+use flowline_engine::files::write_atomic;
+use flowline_shapes::dataset::sample_grid;
 
 use super::{EXIT_FAILURE, fail};
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use flowline::model::discovery::{hf_cache_dir, scan_hf_cache, scan_models_folder};
+use flowline_models::discovery::{hf_cache_dir, scan_hf_cache, scan_models_folder};
 
 #[derive(Args)]
 pub struct ModelsArgs {

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use flowline::executor::{Event, Executor, RunFailure};
-use flowline::files::write_atomic;
-use flowline::nodes::RunEnv;
-use flowline::workflow::Workflow;
+use flowline_engine::executor::{Event, Executor, RunFailure};
+use flowline_engine::files::write_atomic;
+use flowline_engine::nodes::context::RunEnv;
+use flowline_engine::workflow::Workflow;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
-use flowline::model::shapes::ShapesModel;
-use flowline::model::shapes::classifier::{ClassifierConfig, ClassifierTrainer};
+use flowline_shapes::classifier::{ClassifierConfig, ClassifierTrainer};
+use flowline_shapes::model::ShapesModel;
 
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, TrainingSession, fail};
 

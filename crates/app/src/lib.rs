@@ -1,0 +1,584 @@
+//! The desktop app: a node editor, a live step preview and workflow files, over the engine.
+//!
+//! The UI thread owns a [`Document`] (the graph being edited) and a [`Runs`] view of the
+//! executor's events. Run sends a snapshot of the graph to the executor thread; events are
+//! drained without blocking at the start of every frame, so the UI never waits on the engine.
+//! Step latents are drawn by the GPU shader in [`preview`]. File dialogs run on their own
+//! threads and report back through a channel, for the same reason.
+
+mod chrome;
+mod document;
+mod editor;
+mod files;
+mod panel;
+mod preview;
+mod runs;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, unbounded};
+use eframe::egui::{self, Id, emath::TSTransform};
+use egui_snarl::NodeId;
+use egui_snarl::ui::{NodeLayout, SnarlStyle, SnarlWidget};
+use flowline_engine::executor::Executor;
+use flowline_engine::graph::ParamValue;
+use flowline_engine::nodes::context::RunEnv;
+use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
+
+use document::Document;
+use editor::{FileRequest, GraphViewer, node_search_list};
+use files::{FileDialog, Recovery};
+use preview::{StepFrames, probe_values};
+use runs::Runs;
+
+/// The egui id of the node editor, under which egui-snarl keeps its selection.
+const GRAPH_ID: &str = "flowline-graph";
+/// How often the open graph is written to the recovery file.
+const AUTOSAVE_EVERY: Duration = Duration::from_secs(5);
+/// Most recent files kept in the File menu.
+const RECENT_LIMIT: usize = 8;
+
+/// Opens the app window on `path`, or on the default workflow.
+pub fn launch(path: Option<PathBuf>) -> ExitCode {
+    let options = eframe::NativeOptions {
+        viewport: egui::ViewportBuilder::default()
+            .with_inner_size([1280.0, 800.0])
+            .with_min_inner_size([640.0, 400.0])
+            .with_drag_and_drop(true),
+        renderer: eframe::Renderer::Wgpu,
+        ..Default::default()
+    };
+    let result = eframe::run_native(
+        "Flowline",
+        options,
+        Box::new(move |cc| {
+            Ok(Box::new(FlowlineApp::new(
+                cc,
+                path,
+                Recovery::in_app_data(),
+            )))
+        }),
+    );
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: the window could not open: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Something that would lose unsaved changes, waiting for the user's answer.
+enum Pending {
+    New,
+    Open(PathBuf),
+    Quit,
+}
+
+pub struct FlowlineApp {
+    doc: Document,
+    executor: Executor,
+    /// Executor events, forwarded by a thread that also wakes the UI for each one.
+    events: Receiver<flowline_engine::executor::Event>,
+    runs: Runs,
+    output_dir: PathBuf,
+    recent: Vec<PathBuf>,
+    recovery: Recovery,
+    /// A workflow found in the recovery file at start-up, offered for restoring.
+    recovered: Option<Workflow>,
+    last_autosave: Instant,
+    autosaved_graph: Option<flowline_engine::graph::Graph>,
+    dialogs: FileDialog,
+    dialog_results: Receiver<files::DialogResult>,
+    file_requests: Vec<FileRequest>,
+    pending: Option<Pending>,
+    allow_close: bool,
+    error: Option<String>,
+    notice: Option<String>,
+    search: String,
+    /// Where a double-click on the canvas opened the node search (screen position).
+    canvas_search: Option<egui::Pos2>,
+    node_rects: HashMap<NodeId, egui::Rect>,
+    transform: TSTransform,
+    fit_requested: bool,
+    /// The wire being dragged (its type and whether it comes from an output), if any.
+    wire_drag: Option<(flowline_engine::graph::PortType, bool)>,
+    /// The step the scrubber shows; `None` follows the newest step.
+    scrub: Option<usize>,
+    frames: Vec<StepFrames>,
+    /// Latent values at a few fixed positions per step, for the σ plot.
+    traces: Vec<(f64, Vec<f32>)>,
+    image_texture: Option<(u64, egui::TextureHandle)>,
+    zoom: f32,
+    gpu_preview: bool,
+    /// The window title last sent, so it is only sent again when it changes.
+    shown_title: String,
+    /// Frame times and step-to-screen latencies, written out when FLOWLINE_FRAME_LOG is set.
+    frame_log: Option<files::FrameLog>,
+}
+
+impl FlowlineApp {
+    pub fn new(
+        cc: &eframe::CreationContext<'_>,
+        path: Option<PathBuf>,
+        recovery: Recovery,
+    ) -> Self {
+        let gpu_preview = match cc.wgpu_render_state.as_ref() {
+            Some(render_state) => {
+                preview::install(render_state);
+                true
+            }
+            None => false,
+        };
+        let settings = cc.storage.map(files::Settings::load).unwrap_or_default();
+        let recovered = recovery.read();
+        let (dialog_sender, dialog_results) = unbounded();
+        let executor = Executor::spawn();
+        let events = forward_events(executor.events().clone(), cc.egui_ctx.clone());
+        let mut app = FlowlineApp {
+            doc: Document::new(default_workflow(), None),
+            executor,
+            events,
+            runs: Runs::default(),
+            output_dir: settings.output_dir,
+            recent: settings.recent,
+            recovery,
+            recovered,
+            last_autosave: Instant::now(),
+            autosaved_graph: None,
+            dialogs: FileDialog::new(cc.egui_ctx.clone(), dialog_sender),
+            dialog_results,
+            file_requests: Vec::new(),
+            pending: None,
+            allow_close: false,
+            error: None,
+            notice: None,
+            search: String::new(),
+            canvas_search: None,
+            node_rects: HashMap::new(),
+            transform: TSTransform::IDENTITY,
+            fit_requested: true,
+            wire_drag: None,
+            scrub: None,
+            frames: Vec::new(),
+            traces: Vec::new(),
+            image_texture: None,
+            zoom: 4.0,
+            gpu_preview,
+            shown_title: String::new(),
+            frame_log: files::FrameLog::from_env(),
+        };
+        if let Some(path) = path {
+            app.open(&path);
+        }
+        app
+    }
+
+    /// The document being edited (for tests).
+    #[cfg(test)]
+    fn document(&self) -> &Document {
+        &self.doc
+    }
+
+    fn title(&self) -> String {
+        let name = self
+            .doc
+            .path
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map_or_else(
+                || "untitled".to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+        let marker = if self.doc.is_modified() { " •" } else { "" };
+        format!("{name}{marker} — Flowline")
+    }
+
+    fn open(&mut self, path: &Path) {
+        match Workflow::open(path) {
+            Ok(workflow) => {
+                let is_json = !path
+                    .extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+                let file = is_json.then(|| path.to_path_buf());
+                self.doc = Document::new(workflow, file);
+                self.after_replacing_document();
+                if is_json {
+                    self.remember(path);
+                }
+                self.notice = Some(format!("opened {}", path.display()));
+            }
+            Err(e) => self.error = Some(e.to_string()),
+        }
+    }
+
+    fn new_document(&mut self) {
+        self.doc = Document::new(default_workflow(), None);
+        self.after_replacing_document();
+    }
+
+    fn after_replacing_document(&mut self) {
+        self.fit_requested = true;
+        self.node_rects.clear();
+        self.runs.invalid.clear();
+        self.runs.node_status.clear();
+    }
+
+    fn remember(&mut self, path: &Path) {
+        let path = path.to_path_buf();
+        self.recent.retain(|p| *p != path);
+        self.recent.insert(0, path);
+        self.recent.truncate(RECENT_LIMIT);
+    }
+
+    fn save_to(&mut self, path: PathBuf) {
+        match self.doc.workflow().save(&path) {
+            Ok(()) => {
+                self.notice = Some(format!("saved {}", path.display()));
+                self.remember(&path);
+                self.doc.mark_saved(path);
+            }
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
+    fn save(&mut self) {
+        match self.doc.path.clone() {
+            Some(path) => self.save_to(path),
+            None => self.save_as(),
+        }
+    }
+
+    fn save_as(&mut self) {
+        self.dialogs.save_workflow(self.doc.path.clone());
+    }
+
+    /// Runs `action` now, or after asking what to do with unsaved changes.
+    fn guarded(&mut self, action: Pending) {
+        if self.doc.is_modified() {
+            self.pending = Some(action);
+        } else {
+            self.perform(action);
+        }
+    }
+
+    fn perform(&mut self, action: Pending) {
+        match action {
+            Pending::New => self.new_document(),
+            Pending::Open(path) => self.open(&path),
+            Pending::Quit => self.allow_close = true,
+        }
+    }
+
+    fn run(&mut self) {
+        self.doc.commit_edits();
+        let workflow = self.doc.workflow();
+        let json = Arc::new(workflow.to_json());
+        let env = RunEnv {
+            output_dir: self.output_dir.clone(),
+            workflow_json: Some(json.clone()),
+        };
+        let id = self.executor.run(workflow.graph, env);
+        self.runs.queued(id, json);
+        self.doc
+            .advance_seeds(&mut || (rand::random::<u64>() >> 11) as i64);
+        self.doc.commit_edits();
+    }
+
+    fn cancel(&mut self) {
+        if let Some(run) = self.runs.active() {
+            self.executor.cancel(run);
+        }
+    }
+
+    fn drain_events(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            let started = matches!(event, flowline_engine::executor::Event::RunStarted { .. });
+            self.runs.apply(event);
+            if started || self.runs.steps.len() < self.frames.len() {
+                self.frames.clear();
+                self.traces.clear();
+                self.scrub = None;
+            }
+            for index in self.frames.len()..self.runs.steps.len() {
+                let step = &self.runs.steps[index];
+                let key = (index as u64) << 1;
+                let frames = preview::LatentFrame::new(key, &step.record.x, &step.preview)
+                    .and_then(|canvas| {
+                        let clean =
+                            preview::LatentFrame::new(key | 1, &step.record.clean, &step.preview)?;
+                        Ok((canvas, clean))
+                    });
+                match frames {
+                    Ok((canvas, clean)) => self.frames.push(StepFrames {
+                        canvas: Arc::new(canvas),
+                        clean: Arc::new(clean),
+                    }),
+                    Err(e) => {
+                        self.notice = Some(format!("no preview: {e:#}"));
+                        break;
+                    }
+                }
+                self.traces
+                    .push((step.record.sigma, probe_values(&step.record.x)));
+                if let Some(log) = &mut self.frame_log {
+                    log.step_arrived(step.sent_at);
+                }
+            }
+        }
+    }
+
+    fn handle_dialog_results(&mut self) {
+        while let Ok(result) = self.dialog_results.try_recv() {
+            match result {
+                files::DialogResult::Open(path) => self.guarded(Pending::Open(path)),
+                files::DialogResult::SaveWorkflow(path) => self.save_to(path),
+                files::DialogResult::SaveImage(path) => {
+                    if let Some(image) = &self.runs.image {
+                        // The workflow that made the image, not the graph as edited since.
+                        let json = image.workflow.as_deref();
+                        match flowline_engine::files::save_png(&path, &image.image, json) {
+                            Ok(()) => self.notice = Some(format!("saved {}", path.display())),
+                            Err(e) => self.error = Some(format!("{e:#}")),
+                        }
+                    }
+                }
+                files::DialogResult::Param { node, param, path } => {
+                    if let Some(node) = self.doc.snarl.get_node_mut(node) {
+                        node.params.insert(
+                            param.to_string(),
+                            ParamValue::Text(path.display().to_string()),
+                        );
+                    }
+                }
+                files::DialogResult::OutputFolder(path) => self.output_dir = path,
+            }
+        }
+        for request in self.file_requests.drain(..) {
+            self.dialogs.param_path(request);
+        }
+    }
+
+    fn handle_dropped_files(&mut self, ctx: &egui::Context) {
+        let dropped: Vec<PathBuf> = ctx.input(|i| {
+            i.raw
+                .dropped_files
+                .iter()
+                .map(|f| f.path().to_path_buf())
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        });
+        if let Some(path) = dropped.into_iter().next() {
+            if files::is_openable(&path) {
+                self.guarded(Pending::Open(path));
+            } else {
+                self.error = Some(format!(
+                    "{}: drop a workflow (.json) or a PNG saved by Flowline",
+                    path.display()
+                ));
+            }
+        }
+    }
+
+    fn autosave(&mut self) {
+        if self.last_autosave.elapsed() < AUTOSAVE_EVERY {
+            return;
+        }
+        self.last_autosave = Instant::now();
+        let graph = self.doc.graph();
+        if self.autosaved_graph.as_ref() == Some(&graph) {
+            return;
+        }
+        if let Err(e) = self.recovery.write(&self.doc.workflow()) {
+            self.notice = Some(format!("autosave failed: {e:#}"));
+        }
+        self.autosaved_graph = Some(graph);
+    }
+
+    fn editor(&mut self, ui: &mut egui::Ui) {
+        let fit_to = if self.fit_requested && !self.node_rects.is_empty() {
+            self.fit_requested = false;
+            let bounds = self
+                .node_rects
+                .values()
+                .copied()
+                .reduce(|a, b| a.union(b))
+                .expect("not empty")
+                .expand(40.0);
+            let view = ui.max_rect();
+            let scale = (view.width() / bounds.width())
+                .min(view.height() / bounds.height())
+                .clamp(0.2, 1.5);
+            Some(TSTransform::new(
+                view.center().to_vec2() - bounds.center().to_vec2() * scale,
+                scale,
+            ))
+        } else {
+            None
+        };
+        let Document {
+            snarl, ui_state, ..
+        } = &mut self.doc;
+        let mut wire_drag_seen = None;
+        let mut viewer = GraphViewer {
+            wire_drag: self.wire_drag,
+            wire_drag_seen: &mut wire_drag_seen,
+            runs: &self.runs,
+            ui_state,
+            search: &mut self.search,
+            file_requests: &mut self.file_requests,
+            notice: &mut self.notice,
+            node_rects: &mut self.node_rects,
+            transform: &mut self.transform,
+            fit_to,
+        };
+        let style = SnarlStyle {
+            centering: Some(false),
+            node_layout: Some(NodeLayout::sandwich()),
+            pin_size: Some(10.0),
+            wire_width: Some(2.5),
+            ..SnarlStyle::new()
+        };
+        // Labels on nodes are not text to select: a click on a title selects the node.
+        ui.style_mut().interaction.selectable_labels = false;
+        let response =
+            SnarlWidget::new()
+                .id(Id::new(GRAPH_ID))
+                .style(style)
+                .show(snarl, &mut viewer, ui);
+        self.node_rects
+            .retain(|id, _| self.doc.snarl.get_node(*id).is_some());
+        self.wire_drag = wire_drag_seen;
+        let double_clicked = ui.input(|i| {
+            i.pointer
+                .button_double_clicked(egui::PointerButton::Primary)
+                .then(|| i.pointer.interact_pos())
+                .flatten()
+        });
+        if let Some(at) = double_clicked
+            && response.rect.contains(at)
+            && !self.on_a_node(at)
+        {
+            self.canvas_search = Some(at);
+            self.search.clear();
+        }
+        if let Some(at) = self.canvas_search {
+            let mut close = false;
+            egui::Area::new(Id::new("canvas-search"))
+                .fixed_pos(at)
+                .order(egui::Order::Foreground)
+                .show(ui.ctx(), |ui| {
+                    egui::Frame::popup(ui.style()).show(ui, |ui| {
+                        ui.label("Add node");
+                        if let Some(type_name) = node_search_list(ui, &mut self.search, |_| true) {
+                            let position = self.transform.inverse() * at;
+                            self.doc.add_node(type_name, position);
+                            close = true;
+                        }
+                    });
+                });
+            if close {
+                self.canvas_search = None;
+                self.search.clear();
+            }
+        }
+    }
+
+    /// Whether screen point `at` is on a node of the editor.
+    fn on_a_node(&self, at: egui::Pos2) -> bool {
+        let in_graph = self.transform.inverse() * at;
+        self.node_rects.values().any(|r| r.contains(in_graph))
+    }
+}
+
+/// Forwards executor events to the UI and asks for a repaint as each arrives, so a step is
+/// drawn in the next frame and an idle window uses no CPU.
+fn forward_events(
+    source: Receiver<flowline_engine::executor::Event>,
+    ctx: egui::Context,
+) -> Receiver<flowline_engine::executor::Event> {
+    let (sender, receiver) = unbounded();
+    std::thread::Builder::new()
+        .name("flowline-events".into())
+        .spawn(move || {
+            for event in source {
+                if sender.send(event).is_err() {
+                    break;
+                }
+                ctx.request_repaint();
+            }
+        })
+        .expect("the event thread starts");
+    receiver
+}
+
+fn default_workflow() -> Workflow {
+    Workflow::from_json(DEFAULT_WORKFLOW, "the default workflow")
+        .expect("the default workflow is valid")
+}
+
+impl eframe::App for FlowlineApp {
+    fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
+        let started = Instant::now();
+        let ctx = ui.ctx().clone();
+        self.drain_events();
+        self.handle_dialog_results();
+        self.handle_dropped_files(&ctx);
+        if ctx.input(|i| i.viewport().close_requested())
+            && !self.allow_close
+            && self.doc.is_modified()
+        {
+            ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
+            self.pending = Some(Pending::Quit);
+        }
+        self.shortcuts(&ctx);
+
+        egui::Panel::top("menu").show(ui, |ui| self.menu_bar(ui));
+        egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
+        egui::Panel::right("preview")
+            .resizable(true)
+            .default_size(420.0)
+            .min_size(260.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.preview_panel(ui));
+            });
+        egui::CentralPanel::no_frame().show(ui, |ui| self.editor(ui));
+        self.dialogs_ui(&ctx);
+
+        if !ctx.input(|i| i.pointer.any_down()) && !ctx.egui_wants_keyboard_input() {
+            self.doc.commit_edits();
+        }
+        self.autosave();
+        let title = self.title();
+        if title != self.shown_title {
+            ctx.send_viewport_cmd(egui::ViewportCommand::Title(title.clone()));
+            self.shown_title = title;
+        }
+        ctx.request_repaint_after(AUTOSAVE_EVERY);
+        let streaming = self.runs.active().is_some();
+        if let Some(log) = &mut self.frame_log {
+            log.frame(started, started.elapsed(), streaming);
+        }
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        files::Settings {
+            output_dir: self.output_dir.clone(),
+            recent: self.recent.clone(),
+        }
+        .store(storage);
+    }
+
+    fn on_exit(&mut self) {
+        self.recovery.clear();
+        if let Some(log) = &self.frame_log {
+            log.write();
+        }
+    }
+}

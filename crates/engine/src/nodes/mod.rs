@@ -1,0 +1,40 @@
+//! Node types: each file declares one node's ports, parameters and behaviour in one place,
+//! as ComfyUI's nodes do, so adding a node touches its own file and one line of [`REGISTRY`].
+
+mod cfg;
+mod decode;
+mod encode_prompt;
+mod gaussian_start;
+mod load_image;
+mod load_model;
+mod preview_image;
+mod sampler;
+mod save_image;
+mod source_image_start;
+
+pub mod context;
+
+use std::sync::LazyLock;
+
+use self::context::NodeDef;
+
+/// Every node type Flowline knows, in the order a user browses them.
+pub static REGISTRY: LazyLock<Vec<NodeDef>> = LazyLock::new(|| {
+    vec![
+        load_model::definition(),
+        encode_prompt::definition(),
+        gaussian_start::definition(),
+        source_image_start::definition(),
+        load_image::definition(),
+        cfg::definition(),
+        sampler::definition(),
+        decode::definition(),
+        save_image::definition(),
+        preview_image::definition(),
+    ]
+});
+
+/// The node type registered under `type_name`.
+pub fn find(type_name: &str) -> Option<&'static NodeDef> {
+    REGISTRY.iter().find(|d| d.spec.type_name == type_name)
+}

@@ -1,0 +1,113 @@
+//! Sampler: walks the start latent down the σ schedule with the guider's velocity, streaming
+//! every step.
+
+use crate::flow::sampler::{FreshNoise, SamplerKind, sample};
+use crate::flow::schedule::{FLUX_BASE_SHIFT, FLUX_MAX_SHIFT, Scheduler};
+use crate::graph::PortType;
+use crate::graph::spec::{NodeSpec, ParamSpec, PortSpec};
+use crate::graph::value::{Latent, Value};
+use crate::nodes::context::{NodeContext, NodeDef, NodeEvent};
+
+const SCHEDULERS: [&str; 3] = ["simple", "shifted", "flux"];
+
+pub fn definition() -> NodeDef {
+    NodeDef {
+        spec: NodeSpec {
+            type_name: "sampler",
+            title: "Sampler",
+            description: "Integrates the flow from the start latent to σ = 0.",
+            inputs: vec![
+                PortSpec::required("guider", PortType::Guider),
+                PortSpec::required("latent", PortType::Latent),
+            ],
+            outputs: vec![PortSpec::required("latent", PortType::Latent)],
+            params: vec![
+                ParamSpec::choice(
+                    "sampler",
+                    &SamplerKind::NAMES,
+                    "euler",
+                    "integration method",
+                ),
+                ParamSpec::choice(
+                    "scheduler",
+                    &SCHEDULERS,
+                    "shifted",
+                    "how σ falls over the steps",
+                ),
+                ParamSpec::int("steps", 1, 1000, 16, "number of steps"),
+                ParamSpec::float(
+                    "eta",
+                    0.0,
+                    1.0,
+                    1.0,
+                    "euler_ancestral: share of each step redrawn as fresh noise",
+                ),
+                ParamSpec::seed("noise_seed", "euler_ancestral: seed of the fresh noise"),
+                ParamSpec::float(
+                    "shift",
+                    0.01,
+                    100.0,
+                    3.0,
+                    "shifted: s in σ' = sσ/(1+(s−1)σ)",
+                ),
+                ParamSpec::float(
+                    "base_shift",
+                    0.0,
+                    10.0,
+                    FLUX_BASE_SHIFT,
+                    "flux: μ at 256 image tokens",
+                ),
+                ParamSpec::float(
+                    "max_shift",
+                    0.0,
+                    10.0,
+                    FLUX_MAX_SHIFT,
+                    "flux: μ at 4096 image tokens",
+                ),
+            ],
+            is_output: false,
+        },
+        run,
+    }
+}
+
+fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
+    let guider = ctx.guider("guider")?;
+    let start = ctx.latent("latent")?;
+    let scheduler = match ctx.text("scheduler") {
+        "simple" => Scheduler::Simple,
+        "shifted" => Scheduler::Shifted {
+            shift: ctx.float("shift"),
+        },
+        _ => Scheduler::Flux {
+            base_shift: ctx.float("base_shift"),
+            max_shift: ctx.float("max_shift"),
+            image_tokens: guider.model.image_tokens(start.tensor.dims()),
+        },
+    };
+    let kind = SamplerKind::from_name(ctx.text("sampler")).expect("validated choice");
+    let sigmas = scheduler.sigmas(ctx.int("steps") as usize, start.sigma);
+    let preview = guider.model.preview().clone();
+    let mut field = |x: &candle_core::Tensor, sigma: f64| guider.velocity(x, sigma);
+    let noise_seed = ctx.int("noise_seed") as u64;
+    let noise = FreshNoise {
+        eta: ctx.float("eta"),
+        seeds: (0..start.tensor.dim(0)? as u64)
+            .map(|image| noise_seed + image)
+            .collect(),
+    };
+    let output = sample(
+        kind,
+        &mut field,
+        &start.tensor,
+        &sigmas,
+        &noise,
+        &mut |record| ctx.emit(NodeEvent::Step(record.clone(), preview.clone())),
+    )?;
+    let latent = output.latent.clone();
+    let _ = ctx.emit(NodeEvent::Trajectory(output));
+    Ok(vec![Value::Latent(Latent {
+        tensor: latent,
+        sigma: 0.0,
+    })])
+}

@@ -1,0 +1,25 @@
+//! Flowline's real model families: FLUX.1 [schnell] and [dev] and Stable Diffusion 3.5 Large
+//! and Medium, loaded from the user's own weight files.
+//!
+//! Every family implements the engine's [`flowline_engine::model::FlowModel`] and derives its
+//! network's configuration from the files themselves (tensor names and shapes, as ComfyUI
+//! does), so pruned, "lite" and tiny test variants load as well as the full releases.
+//!
+//! Modules from the bottom up: [`checkpoint`] (reading safetensors and GGUF headers and
+//! weights, memory checks), [`locate`] (finding a model's pieces on disk and telling what a
+//! file holds), [`autoencoder`] and [`text_encoders`] (the pieces FLUX and SD3.5 share), the
+//! families [`flux`] and [`sd3`], and [`discovery`] (models in the Hugging Face cache and
+//! ComfyUI-style folders).
+
+pub mod autoencoder;
+pub mod checkpoint;
+pub mod discovery;
+pub mod flux;
+pub mod locate;
+pub mod sd3;
+pub mod text_encoders;
+
+use flowline_engine::model::Family;
+
+/// The families this crate provides, in the order the Load Model node offers them.
+pub const FAMILIES: [Family; 4] = [flux::SCHNELL, flux::DEV, sd3::LARGE, sd3::MEDIUM];
