@@ -39,13 +39,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Opens the app on a workflow file (or a PNG saved by Flowline).
+    /// Opens the app on a workflow file, Flowline's or ComfyUI's (or a PNG either saved).
     Open {
         /// The workflow (.json) or image (.png).
         file: PathBuf,
     },
     /// Runs a workflow headless and prints the paths of the images it writes.
     Run(cli::run::RunArgs),
+    /// Converts a ComfyUI workflow (JSON or PNG) into a Flowline workflow file.
+    Import(cli::import::ImportArgs),
     /// Times the default workflow end to end, the sampler's per-step overhead apart from model time, and a training step.
     Bench(cli::bench::BenchArgs),
     /// Writes a labelled sample grid of the procedural shapes data set.
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Run(args)) => cli::run::run(args),
+        Some(Command::Import(args)) => cli::import::import(args),
         Some(Command::Bench(args)) => cli::bench::bench(args),
         Some(Command::Dataset(args)) => cli::dataset::dataset(args),
         Some(Command::Train(args)) => cli::train::train(args),

@@ -15,7 +15,7 @@ const LAYERS: [(&str, &[&str]); 4] = [
     ("engine", &[]),
     ("models", &["flowline-engine"]),
     ("shapes", &["flowline-engine"]),
-    ("app", &["flowline-engine"]),
+    ("app", &["flowline-engine", "flowline-models"]),
 ];
 
 #[test]

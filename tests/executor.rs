@@ -445,3 +445,81 @@ fn an_empty_positive_prompt_is_pointed_out() {
             if node == "cfg" && message.contains("positive prompt is empty")
     )));
 }
+
+/// The image of the first Image event that carries a saved file.
+fn saved_image(events: &[Event]) -> image::RgbImage {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::Image {
+                image,
+                path: Some(_),
+                ..
+            } => Some(image.clone()),
+            _ => None,
+        })
+        .expect("Save Image wrote the image")
+}
+
+#[test]
+fn a_reroute_passes_its_value_on_and_is_cached_like_any_node() {
+    use flowline_engine::graph::{Endpoint, Node};
+
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let plain = default_workflow().graph;
+    let run = executor.run(plain.clone(), env(&dir));
+    let direct = saved_image(&events_of(&executor, run));
+
+    // The sampler's latent reaches Decode through two reroutes.
+    let mut rerouted = plain;
+    let decoded = rerouted
+        .links
+        .iter_mut()
+        .find(|l| l.to.node == "decode" && l.to.port == "latent")
+        .unwrap();
+    let endpoint = |node: &str| Endpoint {
+        node: node.into(),
+        port: "value".into(),
+    };
+    decoded.to = endpoint("tidy");
+    for id in ["tidy", "tidier"] {
+        rerouted.nodes.push(Node {
+            id: id.into(),
+            type_name: "reroute".into(),
+            position: [0.0, 0.0],
+            params: Default::default(),
+        });
+    }
+    rerouted.links.push(flowline_engine::graph::Link {
+        from: endpoint("tidy"),
+        to: endpoint("tidier"),
+    });
+    rerouted.links.push(flowline_engine::graph::Link {
+        from: endpoint("tidier"),
+        to: Endpoint {
+            node: "decode".into(),
+            port: "latent".into(),
+        },
+    });
+    let run = executor.run(rerouted.clone(), env(&dir));
+    let events = events_of(&executor, run);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    assert_eq!(
+        nodes_where(&events, started),
+        ["decode", "save", "tidier", "tidy"]
+    );
+    assert_eq!(saved_image(&events), direct);
+
+    let run = executor.run(rerouted, env(&dir));
+    let events = events_of(&executor, run);
+    let served = nodes_where(&events, cached);
+    assert!(
+        served.contains(&"tidy".to_string()) && served.contains(&"tidier".to_string()),
+        "{served:?}"
+    );
+}

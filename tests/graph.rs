@@ -178,3 +178,72 @@ fn a_graph_without_outputs_has_nothing_to_do() {
         ["nothing to do: the graph has no Save Image or Preview Image node"]
     );
 }
+
+/// The default graph with reroutes `ids` (a chain, in order) put between output `from` and
+/// input `to` instead of the link into `to`.
+fn rerouted(from: (&str, &str), ids: &[&str], to: (&str, &str)) -> Graph {
+    let mut graph = default_graph();
+    graph
+        .links
+        .retain(|l| !(l.to.node == to.0 && l.to.port == to.1));
+    let mut previous = from;
+    for id in ids {
+        graph.nodes.push(flowline_engine::graph::Node {
+            id: id.to_string(),
+            type_name: "reroute".into(),
+            position: [0.0, 0.0],
+            params: Default::default(),
+        });
+        graph.links.push(link(previous, (id, "value")));
+        previous = (id, "value");
+    }
+    graph.links.push(link(previous, to));
+    graph
+}
+
+#[test]
+fn a_chain_of_reroutes_passes_its_type_on() {
+    flowline::install_model_families();
+    let graph = rerouted(
+        ("sampler", "latent"),
+        &["tidy", "tidier"],
+        ("decode", "latent"),
+    );
+    let plan = validate(&graph).unwrap();
+    let position = |id: &str| plan.order.iter().position(|n| n == id).unwrap();
+    assert!(position("sampler") < position("tidy"));
+    assert!(position("tidy") < position("tidier"));
+    assert!(position("tidier") < position("decode"));
+}
+
+#[test]
+fn a_wrong_type_through_reroutes_is_named() {
+    flowline::install_model_families();
+    assert_eq!(
+        errors(&rerouted(
+            ("model", "model"),
+            &["tidy"],
+            ("decode", "latent")
+        )),
+        ["node \"decode\", input latent: expects LATENT but tidy.value gives MODEL"]
+    );
+    assert_eq!(
+        errors(&rerouted(
+            ("model", "model"),
+            &["tidy", "tidier", "tidiest"],
+            ("decode", "latent")
+        )),
+        ["node \"decode\", input latent: expects LATENT but tidiest.value gives MODEL"]
+    );
+}
+
+#[test]
+fn a_reroute_fed_by_nothing_is_named() {
+    flowline::install_model_families();
+    let mut graph = rerouted(("sampler", "latent"), &["tidy"], ("decode", "latent"));
+    graph.links.retain(|l| l.to.node != "tidy");
+    assert_eq!(
+        errors(&graph),
+        ["node \"tidy\", input value: required ANY input is not connected"]
+    );
+}

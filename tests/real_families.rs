@@ -1380,3 +1380,43 @@ fn text_encoders_are_freed_after_a_prompt_unless_kept() {
         }
     }
 }
+
+#[test]
+fn a_comfyui_flux_workflow_runs_against_a_comfyui_models_folder() {
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("ComfyUI/models");
+    comfyui_models(&models, true);
+    let workflow = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/comfyui/flux-dev.json"
+    );
+    let out = dir.path().join("out");
+    let output = Command::new(env!("CARGO_BIN_EXE_flowline"))
+        .args(["run", workflow, "--models", models.to_str().unwrap()])
+        .args(["--out", out.to_str().unwrap()])
+        .args(["--set", "start.width=32", "--set", "start.height=32"])
+        .args(["--set", "sampler.steps=2"])
+        .env("HF_HUB_CACHE", dir.path().join("no-cache"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("warning"), "every file is found: {stderr}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let saved = PathBuf::from(stdout.trim());
+    assert_eq!(saved, out.join("flux-dev_00001.png"));
+    assert_is_a_picture(&image::open(&saved).unwrap().to_rgb8());
+    let carried = Workflow::from_png(&saved).unwrap();
+    let model = carried.graph.node("model").unwrap();
+    assert_eq!(
+        model.params["path"],
+        flowline_engine::graph::ParamValue::Text(
+            models
+                .join("unet/flux1-dev.safetensors")
+                .display()
+                .to_string()
+        ),
+        "the image carries the converted workflow"
+    );
+}

@@ -3,14 +3,17 @@
 pub mod bench;
 pub mod dataset;
 pub mod eval;
+pub mod import;
 pub mod models;
 pub mod run;
 pub mod train;
 pub mod train_classifier;
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use flowline_engine::workflow::Workflow;
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Exit status for bad input: a file, a workflow or a parameter the user gave.
@@ -22,6 +25,17 @@ pub const EXIT_FAILURE: u8 = 1;
 pub fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {message}");
     ExitCode::from(code)
+}
+
+/// Opens a Flowline or ComfyUI workflow file, printing the warnings of a conversion; a file
+/// that cannot be opened is bad input, and the error holds the exit status.
+pub fn open_workflow(path: &Path, models_dir: Option<&Path>) -> Result<Workflow, ExitCode> {
+    let opened = flowline_models::comfyui::open_workflow(path, models_dir)
+        .map_err(|e| fail(EXIT_BAD_INPUT, e))?;
+    for warning in &opened.warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(opened.workflow)
 }
 
 /// The clock of one training session: when it must stop, when it next saves, and the progress

@@ -9,16 +9,20 @@ use clap::Args;
 use flowline_engine::executor::{Event, Executor, RunFailure};
 use flowline_engine::files::write_atomic;
 use flowline_engine::nodes::context::RunEnv;
-use flowline_engine::workflow::Workflow;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail};
+use super::{EXIT_BAD_INPUT, EXIT_FAILURE, fail, open_workflow};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The workflow file (JSON).
+    /// The workflow: a Flowline .json or a PNG Flowline saved, or a ComfyUI workflow (its
+    /// editor's or API JSON, or a PNG it saved), converted as `flowline import` does.
     workflow: PathBuf,
+    /// The ComfyUI models folder in which to find the model files a ComfyUI workflow names,
+    /// besides the Hugging Face cache.
+    #[arg(long, value_name = "DIR")]
+    models: Option<PathBuf>,
     /// Overrides a parameter, e.g. --set prompt.text="a red star" (repeatable).
     #[arg(long = "set", value_name = "NODE.PARAM=VALUE")]
     assignments: Vec<String>,
@@ -31,9 +35,9 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
-    let mut workflow = match Workflow::load(&args.workflow) {
-        Ok(w) => w,
-        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    let mut workflow = match open_workflow(&args.workflow, args.models.as_deref()) {
+        Ok(workflow) => workflow,
+        Err(code) => return code,
     };
     for assignment in &args.assignments {
         if let Err(e) = workflow.apply_assignment(assignment) {

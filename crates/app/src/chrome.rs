@@ -18,6 +18,7 @@ const REDO: KeyboardShortcut =
     KeyboardShortcut::new(Modifiers::COMMAND.plus(Modifiers::SHIFT), Key::Z);
 const QUIT: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::Q);
 const DUPLICATE: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::D);
+const GROUP: KeyboardShortcut = KeyboardShortcut::new(Modifiers::COMMAND, Key::G);
 
 fn shortcut_button<'a>(
     label: &'a str,
@@ -67,6 +68,9 @@ impl FlowlineApp {
         let selected = get_selected_nodes(Id::new(GRAPH_ID), ctx);
         if ctx.input_mut(|i| i.consume_shortcut(&DUPLICATE)) {
             self.doc.duplicate(&selected);
+        }
+        if ctx.input_mut(|i| i.consume_shortcut(&GROUP)) {
+            self.group_selected(&selected);
         }
         if ctx.input(|i| i.key_pressed(Key::Delete) || i.key_pressed(Key::Backspace)) {
             self.doc.remove_nodes(&selected);
@@ -171,12 +175,28 @@ impl FlowlineApp {
                     self.doc.remove_nodes(&selected);
                 }
                 if ui
+                    .add_enabled(
+                        !selected.is_empty(),
+                        shortcut_button("Group selected nodes", &GROUP, ui),
+                    )
+                    .clicked()
+                {
+                    self.group_selected(&selected);
+                }
+                if ui
                     .add(egui::Button::new("Fit view").shortcut_text("F"))
                     .clicked()
                 {
                     self.fit_requested = true;
                 }
             });
+            if ui
+                .button("⛶ Fit")
+                .on_hover_text("Fit the whole graph in view (F)")
+                .clicked()
+            {
+                self.fit_requested = true;
+            }
             ui.separator();
             if ui
                 .add(

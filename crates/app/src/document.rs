@@ -3,9 +3,10 @@
 //!
 //! The engine's [`Graph`] stays the one description of a workflow: the editor converts to it
 //! for running, saving, copying and undo, and back from it for opening, pasting and undoing.
-//! Undo works on whole-graph snapshots taken when an edit is over (no mouse button held), so
-//! every kind of edit — a parameter, a wire, a move, a paste — is undoable without each widget
-//! having to record what it changed.
+//! Undo works on whole-workflow snapshots (the graph and the `ui` state beside it: seed
+//! controls, groups) taken when an edit is over (no mouse button held), so every kind of edit
+//! — a parameter, a wire, a move, a paste, a group — is undoable without each widget having
+//! to record what it changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -52,14 +53,15 @@ pub struct Document {
     pub snarl: Snarl<Node>,
     /// The file this workflow is saved in, if any.
     pub path: Option<PathBuf>,
-    /// The workflow's `ui` object from its file, kept and written back (seed controls live here).
+    /// The workflow's `ui` object from its file, kept and written back (seed controls and
+    /// groups live here).
     pub ui_state: serde_json::Value,
-    /// The graph as last saved or opened, to tell whether there are unsaved changes.
-    saved: Graph,
-    /// The graph after the last finished edit.
-    current: Graph,
-    undo: Vec<Graph>,
-    redo: Vec<Graph>,
+    /// The workflow as last saved or opened, to tell whether there are unsaved changes.
+    saved: Workflow,
+    /// The workflow after the last finished edit.
+    current: Workflow,
+    undo: Vec<Workflow>,
+    redo: Vec<Workflow>,
 }
 
 impl Document {
@@ -76,11 +78,14 @@ impl Document {
                 }
             }
         }
-        let current = graph_from_snarl(&snarl);
+        let current = Workflow {
+            graph: graph_from_snarl(&snarl),
+            ui: workflow.ui,
+        };
         Document {
             snarl,
             path,
-            ui_state: workflow.ui,
+            ui_state: current.ui.clone(),
             saved: current.clone(),
             current,
             undo: Vec::new(),
@@ -101,19 +106,19 @@ impl Document {
     }
 
     pub fn is_modified(&self) -> bool {
-        self.graph() != self.saved
+        self.workflow() != self.saved
     }
 
     /// Records that the document now matches what is on disk at `path`.
     pub fn mark_saved(&mut self, path: PathBuf) {
         self.path = Some(path);
-        self.saved = self.graph();
+        self.saved = self.workflow();
     }
 
-    /// Ends the edit in progress: if the graph changed since the last call, the previous state
-    /// becomes an undo step. Call when no drag is under way, so a drag is one step.
+    /// Ends the edit in progress: if the workflow changed since the last call, the previous
+    /// state becomes an undo step. Call when no drag is under way, so a drag is one step.
     pub fn commit_edits(&mut self) {
-        let now = self.graph();
+        let now = self.workflow();
         if now != self.current {
             let before = std::mem::replace(&mut self.current, now);
             self.undo.push(before);
@@ -137,7 +142,7 @@ impl Document {
         if let Some(previous) = self.undo.pop() {
             let now = std::mem::replace(&mut self.current, previous);
             self.redo.push(now);
-            self.snarl = snarl_from_graph(&self.current);
+            self.show_current();
         }
     }
 
@@ -146,8 +151,14 @@ impl Document {
         if let Some(next) = self.redo.pop() {
             let now = std::mem::replace(&mut self.current, next);
             self.undo.push(now);
-            self.snarl = snarl_from_graph(&self.current);
+            self.show_current();
         }
+    }
+
+    /// Puts the workflow after the last finished edit back on screen (after undo or redo).
+    fn show_current(&mut self) {
+        self.snarl = snarl_from_graph(&self.current.graph);
+        self.ui_state = self.current.ui.clone();
     }
 
     /// Adds a node of `type_name` with default parameters at `position`.

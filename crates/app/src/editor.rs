@@ -3,19 +3,31 @@
 //! Everything about a node comes from its [`NodeSpec`]: pins from its ports (coloured by type),
 //! widgets from its parameters (ranges, choices, paths, seeds), the search list from the
 //! registry. A wire of the wrong type is refused; an input takes one wire, so a new one
-//! replaces the old. Run states and errors come from [`Runs`].
+//! replaces the old. A reroute's ANY pins take the type that flows through it, so it is
+//! coloured and refused like the port it stands in for. Run states and errors come from
+//! [`Runs`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use eframe::egui::{self, Color32, Pos2, Rect, RichText, Stroke, emath::TSTransform};
-use egui_snarl::ui::{AnyPins, PinInfo, SnarlPin, SnarlViewer};
+use egui_snarl::ui::{
+    AnyPins, BackgroundPattern, NodeLayout, PinInfo, SnarlPin, SnarlStyle, SnarlViewer,
+};
 use egui_snarl::{InPin, InPinId, NodeId, OutPin, OutPinId, Snarl};
-use flowline_engine::graph::spec::{MAX_SEED, NodeSpec, ParamKind, ParamSpec};
+use flowline_engine::graph::spec::{MAX_SEED, NodeSpec, ParamKind, ParamSpec, ParamView, PortSpec};
 use flowline_engine::graph::{Node, ParamValue, PortType};
 use flowline_engine::nodes::{self, REGISTRY};
+use nucleo_matcher::pattern::{CaseMatching, Normalization, Pattern};
+use nucleo_matcher::{Config, Matcher, Utf32Str};
 
 use super::document::{SeedControl, add_node, seed_control, set_seed_control};
+use super::groups::GroupsUi;
+use super::preview::{self, LatentFrame};
 use super::runs::{NodeStatus, Runs};
+
+/// The side of the live preview a sampler node shows of its latest step, in points.
+pub const NODE_PREVIEW_SIDE: f32 = 96.0;
 
 /// The colour of a port type, on pins and wires.
 pub fn port_color(ty: PortType) -> Color32 {
@@ -25,11 +37,94 @@ pub fn port_color(ty: PortType) -> Color32 {
         PortType::Guider => Color32::from_rgb(90, 200, 160),
         PortType::Latent => Color32::from_rgb(240, 110, 170),
         PortType::Image => Color32::from_rgb(100, 160, 240),
+        PortType::Any => Color32::GRAY,
     }
 }
 
 fn spec_of(node: &Node) -> Option<&'static NodeSpec> {
     nodes::find(&node.type_name).map(|d| &d.spec)
+}
+
+/// The pins wired to `node`'s ANY ports (a reroute's) on one side, each with its node and
+/// declared type: upstream, what feeds its input; downstream, what its output feeds.
+fn wired_to_any_ports(
+    snarl: &Snarl<Node>,
+    node: NodeId,
+    upstream: bool,
+) -> Vec<(NodeId, PortType)> {
+    let Some(spec) = snarl.get_node(node).and_then(spec_of) else {
+        return Vec::new();
+    };
+    let is_any = |(_, port): &(usize, &PortSpec)| port.ty == PortType::Any;
+    if upstream {
+        spec.inputs
+            .iter()
+            .enumerate()
+            .filter(is_any)
+            .flat_map(|(input, _)| snarl.in_pin(InPinId { node, input }).remotes)
+            .filter_map(|from| {
+                let port = spec_of(snarl.get_node(from.node)?)?
+                    .outputs
+                    .get(from.output)?;
+                Some((from.node, port.ty))
+            })
+            .collect()
+    } else {
+        spec.outputs
+            .iter()
+            .enumerate()
+            .filter(is_any)
+            .flat_map(|(output, _)| snarl.out_pin(OutPinId { node, output }).remotes)
+            .filter_map(|to| {
+                let port = spec_of(snarl.get_node(to.node)?)?.inputs.get(to.input)?;
+                Some((to.node, port.ty))
+            })
+            .collect()
+    }
+}
+
+/// The type the wires of `node`'s ANY ports lead to, downstream (through further reroutes).
+fn demanded_type(snarl: &Snarl<Node>, node: NodeId) -> PortType {
+    PortType::resolve(node, |n| wired_to_any_ports(snarl, n, false))
+}
+
+/// What flows through `node`'s ANY ports: the type fed in, else the type its wires lead to;
+/// ANY while neither is known.
+fn flowing_type(snarl: &Snarl<Node>, node: NodeId) -> PortType {
+    match PortType::resolve(node, |n| wired_to_any_ports(snarl, n, true)) {
+        PortType::Any => demanded_type(snarl, node),
+        ty => ty,
+    }
+}
+
+/// The type output `pin` gives: its declared type, or what flows through a reroute.
+fn output_type(snarl: &Snarl<Node>, pin: OutPinId) -> Option<PortType> {
+    let port = spec_of(snarl.get_node(pin.node)?)?
+        .outputs
+        .get(pin.output)?;
+    Some(match port.ty {
+        PortType::Any => flowing_type(snarl, pin.node),
+        ty => ty,
+    })
+}
+
+/// The type input `pin` takes: its declared type, or for a reroute the type its output leads
+/// to (what feeds it now does not count: a new wire replaces it).
+fn input_type(snarl: &Snarl<Node>, pin: InPinId) -> Option<PortType> {
+    let port = spec_of(snarl.get_node(pin.node)?)?.inputs.get(pin.input)?;
+    Some(match port.ty {
+        PortType::Any => demanded_type(snarl, pin.node),
+        ty => ty,
+    })
+}
+
+/// Whether `spec` only passes a value on (its ports are ANY, as a reroute's): such a node is
+/// drawn small, its pins on one row without labels.
+fn passes_through(spec: &NodeSpec) -> bool {
+    spec.inputs
+        .iter()
+        .chain(&spec.outputs)
+        .all(|port| port.ty == PortType::Any)
 }
 
 /// A file dialog the editor asked for; the app opens it off the UI thread.
@@ -39,21 +134,35 @@ pub struct FileRequest {
     pub folder: bool,
 }
 
-/// Node types whose title, type name or description contains every word of `query`.
+/// Node types for `query`, best first: matched fuzzily on title, type name and category (the
+/// query's letters in order, gaps allowed, as ComfyUI's search does), then those whose
+/// description holds every word of it. An empty query lists every type in registry order.
 pub fn search(query: &str) -> Vec<&'static NodeSpec> {
+    let pattern = Pattern::parse(query, CaseMatching::Ignore, Normalization::Smart);
+    let mut matcher = Matcher::new(Config::DEFAULT);
+    let mut characters = Vec::new();
     let words: Vec<String> = query.split_whitespace().map(str::to_lowercase).collect();
-    REGISTRY
+    let mut ranked: Vec<(u32, &'static NodeSpec)> = REGISTRY
         .iter()
         .map(|d| &d.spec)
-        .filter(|spec| {
-            let haystack =
-                format!("{} {} {}", spec.title, spec.type_name, spec.description).to_lowercase();
-            words.iter().all(|w| haystack.contains(w.as_str()))
+        .filter_map(|spec| {
+            let name = format!("{} {} {}", spec.title, spec.type_name, spec.category);
+            let fuzzy = pattern.score(Utf32Str::new(&name, &mut characters), &mut matcher);
+            let description = spec.description.to_lowercase();
+            let described = words.iter().all(|w| description.contains(w.as_str()));
+            // Name matches rank above description matches, whatever their score.
+            fuzzy
+                .map(|score| score + 1)
+                .or(described.then_some(0))
+                .map(|rank| (rank, spec))
         })
-        .collect()
+        .collect();
+    ranked.sort_by_key(|&(rank, _)| std::cmp::Reverse(rank));
+    ranked.into_iter().map(|(_, spec)| spec).collect()
 }
 
-/// A search box with the matching node types; returns the type picked (click or Enter).
+/// A search box with the matching node types; returns the type picked (click or Enter, which
+/// takes the best match). With an empty box the types are listed under their categories.
 pub fn node_search_list(
     ui: &mut egui::Ui,
     query: &mut String,
@@ -78,12 +187,22 @@ pub fn node_search_list(
         return Some(first.type_name);
     }
     let mut picked = None;
+    let mut category = None;
     for spec in matches {
-        if ui
-            .button(spec.title)
-            .on_hover_text(spec.description)
-            .clicked()
-        {
+        if query.trim().is_empty() && category != Some(spec.category) {
+            category = Some(spec.category);
+            ui.label(RichText::new(spec.category).small().weak());
+        }
+        let button = ui
+            .horizontal(|ui| {
+                let button = ui.button(spec.title);
+                if !query.trim().is_empty() {
+                    ui.label(RichText::new(spec.category).small().weak());
+                }
+                button
+            })
+            .inner;
+        if button.on_hover_text(spec.description).clicked() {
             picked = Some(spec.type_name);
         }
     }
@@ -107,21 +226,28 @@ pub struct GraphViewer<'a> {
     /// The view transform; set `fit_to` to replace it.
     pub transform: &'a mut TSTransform,
     pub fit_to: Option<TSTransform>,
+    /// The latest step of the shown run: the node that made it and its predicted image, which
+    /// that node shows small, so the emergence is visible on the canvas too.
+    pub latest_step: Option<(&'a str, &'a Arc<LatentFrame>)>,
+    /// The groups' drag and rename state; the groups are drawn behind the nodes.
+    pub groups: &'a mut GroupsUi,
 }
 
 impl GraphViewer<'_> {
-    /// Shows a port's label and returns its pin. Notes a wire drag that starts on the pin
-    /// (beside the label, on the node's outer side) and greys the pin while a wire it would
-    /// refuse is being dragged: one of another type from the other side.
+    /// Shows a port's label and returns its pin, in the colour of type `shown`. Notes a wire
+    /// drag that starts on the pin (beside the label, on the node's outer side) and greys the
+    /// pin while a wire it would refuse is being dragged: one from the other side that does
+    /// not fit type `takes` (a reroute's input shows what flows through it but takes what its
+    /// output leads to).
     fn labelled_pin(
         &mut self,
         ui: &mut egui::Ui,
         label: String,
-        ty: PortType,
+        (shown, takes): (PortType, PortType),
         output: bool,
         connected: bool,
     ) -> PinInfo {
-        let label = ui.label(label).on_hover_text(ty.to_string()).rect;
+        let label = ui.label(label).on_hover_text(shown.to_string()).rect;
         let edge = if output { label.right() } else { label.left() };
         let outward = if output { PIN_ZONE } else { -PIN_ZONE };
         let zone = Rect::from_x_y_ranges(
@@ -137,12 +263,12 @@ impl GraphViewer<'_> {
         if let Some(origin) = origin
             && zone.contains(self.transform.inverse() * origin)
         {
-            *self.wire_drag_seen = Some((ty, output));
+            *self.wire_drag_seen = Some((takes, output));
         }
         let refused = self
             .wire_drag
-            .is_some_and(|(dragged, from_output)| from_output != output && dragged != ty);
-        port_pin(Some(ty), connected, refused)
+            .is_some_and(|(dragged, from_output)| from_output != output && !dragged.fits(takes));
+        port_pin(Some(shown), connected, refused)
     }
 
     fn param_widget(
@@ -367,16 +493,23 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         ui: &mut egui::Ui,
         snarl: &mut Snarl<Node>,
     ) -> impl SnarlPin + 'static {
-        let port = spec_of(&snarl[pin.id.node]).and_then(|s| s.inputs.get(pin.id.input));
-        let Some(port) = port else {
+        let spec = spec_of(&snarl[pin.id.node]);
+        let port = spec.and_then(|s| s.inputs.get(pin.id.input));
+        let (Some(spec), Some(port), Some(takes)) = (spec, port, input_type(snarl, pin.id)) else {
             return port_pin(None, false, false);
         };
-        let label = if port.optional {
+        let label = if passes_through(spec) {
+            String::new()
+        } else if port.optional {
             format!("{} (optional)", port.name)
         } else {
             port.name.to_string()
         };
-        self.labelled_pin(ui, label, port.ty, false, !pin.remotes.is_empty())
+        let shown = match port.ty {
+            PortType::Any => flowing_type(snarl, pin.id.node),
+            ty => ty,
+        };
+        self.labelled_pin(ui, label, (shown, takes), false, !pin.remotes.is_empty())
     }
 
     fn show_output(
@@ -385,17 +518,32 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         ui: &mut egui::Ui,
         snarl: &mut Snarl<Node>,
     ) -> impl SnarlPin + 'static {
-        let port = spec_of(&snarl[pin.id.node]).and_then(|s| s.outputs.get(pin.id.output));
-        let Some(port) = port else {
+        let spec = spec_of(&snarl[pin.id.node]);
+        let port = spec.and_then(|s| s.outputs.get(pin.id.output));
+        let (Some(spec), Some(port), Some(gives)) = (spec, port, output_type(snarl, pin.id)) else {
             return port_pin(None, false, false);
         };
-        self.labelled_pin(
-            ui,
-            port.name.to_string(),
-            port.ty,
-            true,
-            !pin.remotes.is_empty(),
-        )
+        let label = if passes_through(spec) {
+            String::new()
+        } else {
+            port.name.to_string()
+        };
+        self.labelled_pin(ui, label, (gives, gives), true, !pin.remotes.is_empty())
+    }
+
+    fn node_layout(
+        &mut self,
+        default: NodeLayout,
+        node: NodeId,
+        _inputs: &[InPin],
+        _outputs: &[OutPin],
+        snarl: &Snarl<Node>,
+    ) -> NodeLayout {
+        if spec_of(&snarl[node]).is_some_and(passes_through) {
+            NodeLayout::coil()
+        } else {
+            default
+        }
     }
 
     fn has_body(&mut self, node: &Node) -> bool {
@@ -405,7 +553,7 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
     fn show_body(
         &mut self,
         node: NodeId,
-        _inputs: &[InPin],
+        inputs: &[InPin],
         _outputs: &[OutPin],
         ui: &mut egui::Ui,
         snarl: &mut Snarl<Node>,
@@ -413,18 +561,36 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         let Some(spec) = spec_of(&snarl[node]) else {
             return;
         };
-        egui::Grid::new((node, "params"))
-            .num_columns(2)
-            .spacing([6.0, 4.0])
-            .show(ui, |ui| {
-                for param in &spec.params {
-                    self.param_widget(ui, &mut snarl[node], node, param);
-                }
-            });
+        let connected = |name: &str| {
+            let index = spec.inputs.iter().position(|p| p.name == name);
+            index.is_some_and(|i| inputs.get(i).is_some_and(|pin| !pin.remotes.is_empty()))
+        };
+        let view = ParamView::new(spec, &snarl[node].params, &connected);
+        let (shown, folded): (Vec<&ParamSpec>, Vec<&ParamSpec>) = spec
+            .applicable_params(&view)
+            .into_iter()
+            .partition(|p| !p.folded);
+        let mut grid = |ui: &mut egui::Ui, part: &str, params: &[&ParamSpec]| {
+            egui::Grid::new((node, part))
+                .num_columns(2)
+                .spacing([6.0, 4.0])
+                .show(ui, |ui| {
+                    for param in params {
+                        self.param_widget(ui, &mut snarl[node], node, param);
+                    }
+                });
+        };
+        grid(ui, "params", &shown);
+        if !folded.is_empty() {
+            egui::CollapsingHeader::new(RichText::new("more").small())
+                .id_salt((node, "more"))
+                .show(ui, |ui| grid(ui, "more", &folded));
+        }
     }
 
     fn has_footer(&mut self, node: &Node) -> bool {
-        self.runs.problem(&node.id).is_some()
+        self.latest_step.is_some_and(|(id, _)| id == node.id)
+            || self.runs.problem(&node.id).is_some()
             || self.runs.warnings.iter().any(|(n, _)| *n == node.id)
             || self.runs.infos.iter().any(|(n, _)| *n == node.id)
     }
@@ -438,6 +604,9 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         snarl: &mut Snarl<Node>,
     ) {
         let id = &snarl[node].id;
+        if let Some((_, frame)) = self.latest_step.filter(|(step_node, _)| step_node == id) {
+            preview::show(ui, preview::NODE_SLOT, frame, NODE_PREVIEW_SIDE);
+        }
         ui.set_max_width(260.0);
         // Wrapped explicitly: the footer's layout would otherwise widen the node to the longest
         // message and lay it over its neighbours.
@@ -463,6 +632,22 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         self.node_rects.insert(node, rect);
     }
 
+    fn draw_background(
+        &mut self,
+        background: Option<&BackgroundPattern>,
+        viewport: &Rect,
+        snarl_style: &SnarlStyle,
+        style: &egui::Style,
+        painter: &egui::Painter,
+        snarl: &Snarl<Node>,
+    ) {
+        if let Some(background) = background {
+            background.draw(viewport, snarl_style, style, painter);
+        }
+        self.groups
+            .show(self.ui_state, self.node_rects, snarl, painter);
+    }
+
     fn current_transform(&mut self, to_global: &mut TSTransform, _snarl: &mut Snarl<Node>) {
         if let Some(fit) = self.fit_to.take() {
             *to_global = fit;
@@ -473,18 +658,21 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
     fn connect(&mut self, from: &OutPin, to: &InPin, snarl: &mut Snarl<Node>) {
         let out_port = spec_of(&snarl[from.id.node]).and_then(|s| s.outputs.get(from.id.output));
         let in_port = spec_of(&snarl[to.id.node]).and_then(|s| s.inputs.get(to.id.input));
-        let (Some(out_port), Some(in_port)) = (out_port, in_port) else {
+        let types = (output_type(snarl, from.id), input_type(snarl, to.id));
+        let (Some(out_port), Some(in_port), (Some(gives), Some(takes))) =
+            (out_port, in_port, types)
+        else {
             return;
         };
-        if out_port.ty != in_port.ty {
+        if !gives.fits(takes) {
             *self.notice = Some(format!(
                 "not connected: {}.{} gives {} but {}.{} takes {}",
                 snarl[from.id.node].id,
                 out_port.name,
-                out_port.ty,
+                gives,
                 snarl[to.id.node].id,
                 in_port.name,
-                in_port.ty
+                takes
             ));
             return;
         }
@@ -518,20 +706,12 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
     ) {
         let (ty, outs, ins): (Option<PortType>, Vec<OutPinId>, Vec<InPinId>) = match src_pins {
             AnyPins::Out(pins) => (
-                pins.first().and_then(|p| {
-                    spec_of(&snarl[p.node])
-                        .and_then(|s| s.outputs.get(p.output))
-                        .map(|p| p.ty)
-                }),
+                pins.first().and_then(|&p| output_type(snarl, p)),
                 pins.to_vec(),
                 Vec::new(),
             ),
             AnyPins::In(pins) => (
-                pins.first().and_then(|p| {
-                    spec_of(&snarl[p.node])
-                        .and_then(|s| s.inputs.get(p.input))
-                        .map(|p| p.ty)
-                }),
+                pins.first().and_then(|&p| input_type(snarl, p)),
                 Vec::new(),
                 pins.to_vec(),
             ),
@@ -543,9 +723,9 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         let dragging_out = !outs.is_empty();
         let picked = node_search_list(ui, self.search, |spec| {
             if dragging_out {
-                spec.inputs.iter().any(|p| p.ty == ty)
+                spec.inputs.iter().any(|p| p.ty.fits(ty))
             } else {
-                spec.outputs.iter().any(|p| p.ty == ty)
+                spec.outputs.iter().any(|p| p.ty.fits(ty))
             }
         });
         let Some(type_name) = picked else {
@@ -556,7 +736,7 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         };
         let spec = spec_of(&snarl[new_node]).expect("just added a registered type");
         if dragging_out {
-            if let Some(input) = spec.inputs.iter().position(|p| p.ty == ty) {
+            if let Some(input) = spec.inputs.iter().position(|p| p.ty.fits(ty)) {
                 let to = InPinId {
                     node: new_node,
                     input,
@@ -565,7 +745,7 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
                     snarl.connect(from, to);
                 }
             }
-        } else if let Some(output) = spec.outputs.iter().position(|p| p.ty == ty) {
+        } else if let Some(output) = spec.outputs.iter().position(|p| p.ty.fits(ty)) {
             let from = OutPinId {
                 node: new_node,
                 output,

@@ -189,12 +189,15 @@ impl Settings {
 }
 
 /// Frame times and how long steps took to reach the screen, for measuring responsiveness:
-/// set `FLOWLINE_FRAME_LOG=FILE` and the app writes a summary there when it closes. While a run
-/// streams, the time between frame starts is kept too: with a repaint asked for by every step
-/// event, that interval is the whole frame (build, tessellate, render, present).
+/// set `FLOWLINE_FRAME_LOG=FILE` and the app writes a summary there each time runs stop
+/// streaming and when it closes (`bench/frames.sh` reads it). While a run streams, the app then
+/// draws frames back to back, and the time between frame starts is kept too: that interval is
+/// the whole frame (build, tessellate, render, present), beside the sampler's work.
 pub struct FrameLog {
     path: PathBuf,
     ui_times: Vec<Duration>,
+    /// UI build times of the frames drawn while a run streamed.
+    streaming_ui_times: Vec<Duration>,
     intervals: Vec<Duration>,
     latencies: Vec<Duration>,
     last_start: Option<Instant>,
@@ -206,6 +209,7 @@ impl FrameLog {
         Some(FrameLog {
             path: PathBuf::from(path),
             ui_times: Vec::new(),
+            streaming_ui_times: Vec::new(),
             intervals: Vec::new(),
             latencies: Vec::new(),
             last_start: None,
@@ -215,8 +219,13 @@ impl FrameLog {
     /// A frame that started at `started` built its UI in `took`; `streaming` while a run runs.
     pub fn frame(&mut self, started: Instant, took: Duration, streaming: bool) {
         self.ui_times.push(took);
-        if streaming && let Some(last) = self.last_start {
-            self.intervals.push(started - last);
+        if streaming {
+            self.streaming_ui_times.push(took);
+            if let Some(last) = self.last_start {
+                self.intervals.push(started - last);
+            }
+        } else if self.last_start.is_some() {
+            self.write();
         }
         self.last_start = streaming.then_some(started);
     }
@@ -230,6 +239,8 @@ impl FrameLog {
         let summary = serde_json::json!({
             "frames": self.ui_times.len(),
             "ui_ms": percentiles(&self.ui_times),
+            "streaming_frames": self.intervals.len(),
+            "streaming_ui_ms": percentiles(&self.streaming_ui_times),
             "streaming_frame_interval_ms": percentiles(&self.intervals),
             "steps": self.latencies.len(),
             "step_to_frame_ms": percentiles(&self.latencies),
@@ -247,10 +258,11 @@ fn percentiles(values: &[Duration]) -> serde_json::Value {
         ms.get(((ms.len() as f64 - 1.0) * q).round() as usize)
             .copied()
     };
-    serde_json::json!({ "p50": at(0.5), "p99": at(0.99), "max": ms.last() })
+    serde_json::json!({ "p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": ms.last() })
 }
 
-/// Whether `path` looks like something the app opens (a workflow or a PNG).
+/// Whether `path` looks like something the app opens: a workflow or a PNG, Flowline's or
+/// ComfyUI's (which of them is told by the content).
 pub fn is_openable(path: &Path) -> bool {
     path.extension()
         .and_then(|e| e.to_str())

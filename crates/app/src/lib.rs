@@ -10,6 +10,7 @@ mod chrome;
 mod document;
 mod editor;
 mod files;
+mod groups;
 mod panel;
 mod preview;
 mod runs;
@@ -30,6 +31,7 @@ use flowline_engine::executor::Executor;
 use flowline_engine::graph::ParamValue;
 use flowline_engine::nodes::context::RunEnv;
 use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_models::comfyui::open_workflow;
 
 use document::Document;
 use editor::{FileRequest, GraphViewer, node_search_list};
@@ -93,7 +95,7 @@ pub struct FlowlineApp {
     /// A workflow found in the recovery file at start-up, offered for restoring.
     recovered: Option<Workflow>,
     last_autosave: Instant,
-    autosaved_graph: Option<flowline_engine::graph::Graph>,
+    autosaved: Option<Workflow>,
     dialogs: FileDialog,
     dialog_results: Receiver<files::DialogResult>,
     file_requests: Vec<FileRequest>,
@@ -107,6 +109,8 @@ pub struct FlowlineApp {
     node_rects: HashMap<NodeId, egui::Rect>,
     transform: TSTransform,
     fit_requested: bool,
+    /// The groups' drag and rename state.
+    groups: groups::GroupsUi,
     /// The wire being dragged (its type and whether it comes from an output), if any.
     wire_drag: Option<(flowline_engine::graph::PortType, bool)>,
     /// The step the scrubber shows; `None` follows the newest step.
@@ -151,7 +155,7 @@ impl FlowlineApp {
             recovery,
             recovered,
             last_autosave: Instant::now(),
-            autosaved_graph: None,
+            autosaved: None,
             dialogs: FileDialog::new(cc.egui_ctx.clone(), dialog_sender),
             dialog_results,
             file_requests: Vec::new(),
@@ -164,6 +168,7 @@ impl FlowlineApp {
             node_rects: HashMap::new(),
             transform: TSTransform::IDENTITY,
             fit_requested: true,
+            groups: groups::GroupsUi::default(),
             wire_drag: None,
             scrub: None,
             frames: Vec::new(),
@@ -200,19 +205,30 @@ impl FlowlineApp {
         format!("{name}{marker} — Flowline")
     }
 
+    /// Opens a workflow file, Flowline's or ComfyUI's. Only a Flowline `.json` becomes the
+    /// document's file: saving over a PNG or a ComfyUI workflow would replace it.
     fn open(&mut self, path: &Path) {
-        match Workflow::open(path) {
-            Ok(workflow) => {
+        match open_workflow(path, None) {
+            Ok(opened) => {
                 let is_json = !path
                     .extension()
                     .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-                let file = is_json.then(|| path.to_path_buf());
-                self.doc = Document::new(workflow, file);
+                let keeps_file = is_json && !opened.from_comfyui;
+                let file = keeps_file.then(|| path.to_path_buf());
+                self.doc = Document::new(opened.workflow, file);
                 self.after_replacing_document();
-                if is_json {
+                if keeps_file {
                     self.remember(path);
                 }
-                self.notice = Some(format!("opened {}", path.display()));
+                let mut notice = format!("opened {}", path.display());
+                if opened.from_comfyui {
+                    notice.push_str(" (converted from ComfyUI)");
+                }
+                for warning in &opened.warnings {
+                    notice.push_str("; warning: ");
+                    notice.push_str(warning);
+                }
+                self.notice = Some(notice);
             }
             Err(e) => self.error = Some(e.to_string()),
         }
@@ -225,6 +241,7 @@ impl FlowlineApp {
 
     fn after_replacing_document(&mut self) {
         self.fit_requested = true;
+        self.groups = groups::GroupsUi::default();
         self.node_rects.clear();
         self.runs.invalid.clear();
         self.runs.node_status.clear();
@@ -379,7 +396,7 @@ impl FlowlineApp {
                 self.guarded(Pending::Open(path));
             } else {
                 self.error = Some(format!(
-                    "{}: drop a workflow (.json) or a PNG saved by Flowline",
+                    "{}: drop a workflow (.json, Flowline's or ComfyUI's) or a PNG either saved",
                     path.display()
                 ));
             }
@@ -391,17 +408,18 @@ impl FlowlineApp {
             return;
         }
         self.last_autosave = Instant::now();
-        let graph = self.doc.graph();
-        if self.autosaved_graph.as_ref() == Some(&graph) {
+        let workflow = self.doc.workflow();
+        if self.autosaved.as_ref() == Some(&workflow) {
             return;
         }
-        if let Err(e) = self.recovery.write(&self.doc.workflow()) {
+        if let Err(e) = self.recovery.write(&workflow) {
             self.notice = Some(format!("autosave failed: {e:#}"));
         }
-        self.autosaved_graph = Some(graph);
+        self.autosaved = Some(workflow);
     }
 
     fn editor(&mut self, ui: &mut egui::Ui) {
+        let pressed_modifiers = self.translate_selection_click(ui.ctx(), ui.max_rect());
         let fit_to = if self.fit_requested && !self.node_rects.is_empty() {
             self.fit_requested = false;
             let bounds = self
@@ -437,6 +455,12 @@ impl FlowlineApp {
             node_rects: &mut self.node_rects,
             transform: &mut self.transform,
             fit_to,
+            latest_step: self
+                .runs
+                .step_node
+                .as_deref()
+                .zip(self.frames.last().map(|frames| &frames.clean)),
+            groups: &mut self.groups,
         };
         let style = SnarlStyle {
             centering: Some(false),
@@ -452,8 +476,12 @@ impl FlowlineApp {
                 .id(Id::new(GRAPH_ID))
                 .style(style)
                 .show(snarl, &mut viewer, ui);
+        if let Some(modifiers) = pressed_modifiers {
+            ui.ctx().input_mut(|input| input.modifiers = modifiers);
+        }
         self.node_rects
             .retain(|id, _| self.doc.snarl.get_node(*id).is_some());
+        self.groups.apply_drag(&mut self.doc);
         self.wire_drag = wire_drag_seen;
         let double_clicked = ui.input(|i| {
             i.pointer
@@ -488,6 +516,33 @@ impl FlowlineApp {
                 self.search.clear();
             }
         }
+    }
+
+    /// egui-snarl selects a node by Shift-click (with Ctrl: that node alone), clears its
+    /// selection by Ctrl-click on the canvas, and keeps the selection private. ComfyUI users
+    /// expect a plain click to select a node alone, Ctrl- or Shift-click to add it, and a
+    /// click on the empty canvas to clear it; so a click this frame is handed to egui-snarl
+    /// with the modifiers that mean that there. Returns the modifiers to restore once
+    /// egui-snarl has seen them, where they were changed.
+    fn translate_selection_click(
+        &self,
+        ctx: &egui::Context,
+        canvas: egui::Rect,
+    ) -> Option<egui::Modifiers> {
+        ctx.input_mut(|input| {
+            let at = input.pointer.interact_pos()?;
+            if !input.pointer.primary_clicked() || !canvas.contains(at) {
+                return None;
+            }
+            let adds = input.modifiers.shift || input.modifiers.command;
+            let translated = match (self.on_a_node(at), adds) {
+                (true, false) => egui::Modifiers::SHIFT | egui::Modifiers::COMMAND,
+                (true, true) => egui::Modifiers::SHIFT,
+                (false, false) => egui::Modifiers::COMMAND,
+                (false, true) => return None,
+            };
+            Some(std::mem::replace(&mut input.modifiers, translated))
+        })
     }
 
     /// Whether screen point `at` is on a node of the editor.
@@ -564,6 +619,11 @@ impl eframe::App for FlowlineApp {
         let streaming = self.runs.active().is_some();
         if let Some(log) = &mut self.frame_log {
             log.frame(started, started.elapsed(), streaming);
+            // Measuring: frames back to back while a run streams, so the time between their
+            // starts is what a frame costs, not the time between steps.
+            if streaming {
+                ctx.request_repaint();
+            }
         }
     }
 

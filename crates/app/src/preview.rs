@@ -170,6 +170,10 @@ pub fn install(render_state: &RenderState) {
         });
 }
 
+/// The slot of the small preview a sampler node shows on the canvas (the preview panel's
+/// canvas and predicted image use 0 and 1).
+pub const NODE_SLOT: u32 = 2;
+
 /// A paint callback drawing `frame` in slot `slot`.
 struct DrawLatent {
     slot: u32,

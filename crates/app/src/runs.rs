@@ -61,6 +61,8 @@ pub struct Runs {
     pub infos: Vec<(String, String)>,
     /// Every sampler step of the shown run, in order.
     pub steps: Vec<StepUpdate>,
+    /// The node that made `steps`.
+    pub step_node: Option<String>,
     /// The σ values and straightness of the shown run's finished sampler.
     pub trajectory: Option<(Vec<f64>, f64)>,
     pub image: Option<FinalImage>,
@@ -110,6 +112,7 @@ impl Runs {
             self.warnings.clear();
             self.infos.clear();
             self.steps.clear();
+            self.step_node = None;
             self.trajectory = None;
             self.outcome = None;
             return;
@@ -132,6 +135,7 @@ impl Runs {
                 self.shown = Some(run);
                 self.node_status.clear();
                 self.steps.clear();
+                self.step_node = None;
             } else {
                 return;
             }
@@ -152,12 +156,13 @@ impl Runs {
             }
             Event::Warning { node, message, .. } => self.warnings.push((node, message)),
             Event::Info { node, message, .. } => self.infos.push((node, message)),
-            Event::Step { step, .. } => {
+            Event::Step { node, step, .. } => {
                 if step.record.index == 0 {
                     self.steps.clear();
                     self.trajectory = None;
                 }
                 self.steps.push(*step);
+                self.step_node = Some(node);
             }
             Event::Trajectory {
                 sigmas,

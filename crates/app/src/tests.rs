@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use eframe::egui::{self, Key, Modifiers, Pos2, Rect};
+use eframe::egui::{self, Id, Key, Modifiers, Pos2, Rect};
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use flowline_engine::graph::ParamValue;
 
-use super::FlowlineApp;
 use super::files::Recovery;
 use super::runs::RunState;
+use super::{FlowlineApp, GRAPH_ID};
 
 /// A file dropped from the desktop.
 #[derive(Debug)]
@@ -147,6 +147,45 @@ impl Fixture {
         let file = Arc::new(FileOnDisk(path.to_path_buf()));
         self.harness.input_mut().dropped_files.push(file);
         self.harness.run_steps(3);
+    }
+
+    /// Whether node `id` shows a widget labelled `param`.
+    fn shows(&self, id: &str, param: &str) -> bool {
+        let frame = self.node_frame(id);
+        self.harness
+            .query_all_by_label(param)
+            .any(|n| frame.contains_rect(n.rect()))
+    }
+
+    /// Clicks the title of node `id` with `modifiers` held.
+    fn click_title(&mut self, id: &str, modifiers: Modifiers) {
+        let title = self.node_rect(id).left_top() + egui::vec2(30.0, 12.0);
+        self.click_at(title, modifiers);
+    }
+
+    fn click_at(&mut self, at: Pos2, modifiers: Modifiers) {
+        self.harness.hover_at(at);
+        self.harness.run_steps(1);
+        self.harness.event(egui::Event::ModifiersChanged(modifiers));
+        for pressed in [true, false] {
+            self.button(at, egui::PointerButton::Primary, pressed, modifiers);
+            self.harness.step();
+        }
+        self.harness
+            .event(egui::Event::ModifiersChanged(Modifiers::NONE));
+        self.harness.run_steps(2);
+    }
+
+    /// The workflow ids of the selected nodes, sorted.
+    fn selected(&self) -> Vec<String> {
+        let ctx = self.harness.ctx.clone();
+        let snarl = &self.app().document().snarl;
+        let mut ids: Vec<String> = egui_snarl::ui::get_selected_nodes(Id::new(GRAPH_ID), &ctx)
+            .into_iter()
+            .map(|node| snarl[node].id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     fn empty_canvas_point(&self) -> Pos2 {
@@ -336,25 +375,7 @@ fn undo_and_redo_every_edit() {
     let mut fixture = app(false);
     let original = fixture.app().document().graph();
     // Select the sampler by Shift-clicking its title, then delete it.
-    let header = fixture.node_rect("sampler").left_top() + egui::vec2(30.0, 12.0);
-    fixture.harness.hover_at(header);
-    fixture.harness.run_steps(1);
-    fixture
-        .harness
-        .event(egui::Event::ModifiersChanged(Modifiers::SHIFT));
-    for pressed in [true, false] {
-        fixture.button(
-            header,
-            egui::PointerButton::Primary,
-            pressed,
-            Modifiers::SHIFT,
-        );
-        fixture.harness.step();
-    }
-    fixture
-        .harness
-        .event(egui::Event::ModifiersChanged(Modifiers::NONE));
-    fixture.harness.run_steps(2);
+    fixture.click_title("sampler", Modifiers::SHIFT);
     fixture.harness.key_press(Key::Delete);
     fixture.harness.run_steps(3);
     let deleted = fixture.app().document().graph();
@@ -596,4 +617,329 @@ fn the_open_graph_is_kept_for_recovery_and_offered_at_the_next_start() {
     harness.get_by_label("Restore").click();
     harness.run_steps(3);
     assert_eq!(harness.state().document().graph(), expected);
+}
+
+#[test]
+fn nodes_show_only_the_parameters_that_apply() {
+    let mut fixture = app(false);
+    // The embedded model reads a folder and a device, none of FLUX's or SD3.5's files.
+    assert!(fixture.shows("model", "path") && fixture.shows("model", "device"));
+    for other in ["transformer", "vae", "t5", "precision", "text_encoders"] {
+        assert!(!fixture.shows("model", other), "{other} shown for shapes");
+    }
+    // Rescaled CFG shows its own multiplier, not APG's scales; autoguidance shows because a
+    // guide model is connected; the guidance interval is folded away under "more".
+    assert!(fixture.shows("cfg", "rescale_multiplier"));
+    assert!(fixture.shows("cfg", "autoguide_scale"));
+    for other in ["apg_parallel_scale", "apg_norm_threshold", "interval_low"] {
+        assert!(!fixture.shows("cfg", other), "{other} shown");
+    }
+    fixture.set_param("cfg", "rescale_multiplier", ParamValue::Float(0.5));
+    fixture.set_param("cfg", "method", ParamValue::Text("apg".into()));
+    fixture.set_param("model", "family", ParamValue::Text("exemplar".into()));
+    fixture.harness.run_steps(3);
+    assert!(
+        fixture.shows("cfg", "apg_parallel_scale") && fixture.shows("cfg", "apg_norm_threshold")
+    );
+    assert!(!fixture.shows("cfg", "rescale_multiplier"));
+    assert!(!fixture.shows("model", "path") && !fixture.shows("model", "device"));
+    // A hidden value stays in the workflow.
+    let cfg = fixture
+        .app()
+        .document()
+        .graph()
+        .node("cfg")
+        .unwrap()
+        .clone();
+    assert_eq!(cfg.params["rescale_multiplier"], ParamValue::Float(0.5));
+    assert_eq!(cfg.params["interval_low"], ParamValue::Float(0.3));
+    // The fold opens on a click.
+    let frame = fixture.node_rect("cfg");
+    let more = fixture
+        .harness
+        .get_all_by_label("more")
+        .map(|n| fixture.app().transform * n.rect().center())
+        .find(|at| frame.contains(*at))
+        .expect("the CFG node has a fold");
+    fixture.click_at(more, Modifiers::NONE);
+    assert!(fixture.shows("cfg", "interval_low") && fixture.shows("cfg", "distilled_guidance"));
+}
+
+#[test]
+fn a_plain_click_selects_a_node_and_ctrl_or_shift_adds_one() {
+    let mut fixture = app(false);
+    fixture.click_title("cfg", Modifiers::NONE);
+    assert_eq!(fixture.selected(), ["cfg"]);
+    fixture.click_title("sampler", Modifiers::NONE);
+    assert_eq!(fixture.selected(), ["sampler"]);
+    fixture.click_title("decode", Modifiers::SHIFT);
+    fixture.click_title("save", Modifiers::COMMAND);
+    assert_eq!(fixture.selected(), ["decode", "sampler", "save"]);
+    let empty = fixture.empty_canvas_point();
+    fixture.click_at(empty, Modifiers::NONE);
+    assert!(fixture.selected().is_empty());
+}
+
+#[test]
+fn node_search_is_fuzzy_and_lists_categories() {
+    let found = |query: &str| super::editor::search(query).first().map(|s| s.type_name);
+    assert_eq!(found("smplr"), Some("sampler"));
+    assert_eq!(found("ldmdl"), Some("load_model"));
+    assert_eq!(found("gaus st"), Some("gaussian_start"));
+    // Words of a description still find a node, after every name match.
+    assert_eq!(found("velocity network"), Some("load_model"));
+    assert!(super::editor::search("zzqx").is_empty());
+
+    let mut fixture = app(false);
+    let point = fixture.empty_canvas_point();
+    for _ in 0..2 {
+        fixture.click_at(point, Modifiers::NONE);
+    }
+    // An empty query lists the types under their categories.
+    for category in ["loaders", "sampling"] {
+        fixture.harness.get_by_label(category);
+    }
+    fixture.harness.get_by_label("Find").type_text("prvw");
+    fixture.harness.run_steps(2);
+    fixture.harness.key_press(Key::Enter);
+    fixture.harness.run_steps(3);
+    let graph = fixture.app().document().graph();
+    assert!(graph.nodes.iter().any(|n| n.type_name == "preview_image"));
+}
+
+#[test]
+fn the_fit_button_brings_every_node_into_view() {
+    let mut fixture = app(false);
+    fixture.harness.state_mut().transform =
+        egui::emath::TSTransform::new(egui::vec2(3000.0, -2000.0), 0.4);
+    fixture.harness.run_steps(2);
+    fixture.harness.get_by_label("⛶ Fit").click();
+    fixture.harness.run_steps(3);
+    let view = Rect::from_min_size(Pos2::ZERO, egui::vec2(1400.0, 900.0));
+    for id in [
+        "model", "guide", "prompt", "start", "cfg", "sampler", "decode", "save",
+    ] {
+        assert!(
+            view.contains_rect(fixture.node_rect(id)),
+            "{id} is out of view"
+        );
+    }
+}
+
+#[test]
+fn the_sampler_shows_its_own_live_preview() {
+    let mut fixture = app(true);
+    let before = fixture.node_rect("sampler").height();
+    fixture.set_param("sampler", "steps", ParamValue::Int(3));
+    fixture.run_to_end();
+    assert_eq!(fixture.app().runs.step_node.as_deref(), Some("sampler"));
+    let after = fixture.node_rect("sampler").height();
+    let side = super::editor::NODE_PREVIEW_SIDE * fixture.app().transform.scaling;
+    assert!(
+        after >= before + side,
+        "the sampler grew from {before} to {after}"
+    );
+}
+
+impl Fixture {
+    /// Where the pin of a pin without a label (a reroute's) on node `id` is on screen.
+    fn unlabelled_pin(&self, id: &str, output: bool) -> Pos2 {
+        let frame = self.node_frame(id);
+        let labels: Vec<Rect> = self
+            .harness
+            .get_all_by_label("")
+            .map(|n| n.rect())
+            .filter(|r| frame.contains_rect(*r))
+            .collect();
+        let x = if output {
+            let label = labels.iter().map(|r| r.right()).fold(f32::MIN, f32::max);
+            (label + frame.right()) / 2.0
+        } else {
+            let label = labels.iter().map(|r| r.left()).fold(f32::MAX, f32::min);
+            (label + frame.left()) / 2.0
+        };
+        let y = labels.first().expect("the node has pins").center().y;
+        self.app().transform * egui::pos2(x, y)
+    }
+}
+
+#[test]
+fn a_reroute_goes_between_two_nodes_and_carries_their_type() {
+    let mut fixture = app(false);
+    // Drop Decode's IMAGE wire on the canvas and pick Reroute from the nodes offered.
+    let from = fixture.pin("decode", "image", true);
+    let empty = fixture.empty_canvas_point();
+    fixture.drag(from, empty);
+    fixture.harness.get_by_label("Find").type_text("reroute");
+    fixture.harness.run_steps(2);
+    fixture.harness.key_press(Key::Enter);
+    fixture.harness.run_steps(3);
+    let graph = fixture.app().document().graph();
+    let fed = graph
+        .link_into("reroute", "value")
+        .expect("the reroute takes the wire");
+    assert_eq!(
+        (fed.from.node.as_str(), fed.from.port.as_str()),
+        ("decode", "image")
+    );
+
+    // Its output carries IMAGE now: a MODEL input refuses it.
+    let out = fixture.unlabelled_pin("reroute", true);
+    fixture.harness.hover_at(out);
+    fixture.harness.run_steps(1);
+    fixture.harness.drag_at(out);
+    fixture.harness.run_steps(1);
+    let model_input = fixture.pin("decode", "model", false);
+    fixture.harness.hover_at(model_input);
+    fixture.harness.run_steps(2);
+    assert_eq!(
+        fixture.app().wire_drag,
+        Some((flowline_engine::graph::PortType::Image, true))
+    );
+    fixture.button(
+        model_input,
+        egui::PointerButton::Primary,
+        false,
+        Modifiers::NONE,
+    );
+    fixture.harness.run_steps(3);
+    let notice = fixture.app().notice.clone().unwrap_or_default();
+    assert!(
+        notice.contains("not connected") && notice.contains("gives IMAGE"),
+        "{notice}"
+    );
+
+    // Into Save Image's input it goes, in place of the direct wire.
+    let to = fixture.pin("save", "image", false);
+    fixture.drag(out, to);
+    let graph = fixture.app().document().graph();
+    let link = graph.link_into("save", "image").unwrap();
+    assert_eq!(
+        (link.from.node.as_str(), link.from.port.as_str()),
+        ("reroute", "value")
+    );
+    assert_eq!(
+        graph.link_into("decode", "model").unwrap().from.node,
+        "model"
+    );
+    flowline_engine::validate::validate(&graph).expect("the rerouted graph is valid");
+}
+
+#[test]
+fn a_group_frames_the_selection_moves_its_nodes_and_is_saved_with_the_workflow() {
+    let mut fixture = app(false);
+    let groups = |fixture: &Fixture| super::groups::groups(&fixture.app().document().ui_state);
+    fixture.click_title("decode", Modifiers::NONE);
+    fixture.click_title("save", Modifiers::SHIFT);
+    assert_eq!(fixture.selected(), ["decode", "save"]);
+    fixture
+        .harness
+        .key_press_modifiers(Modifiers::COMMAND, Key::G);
+    fixture.harness.run_steps(3);
+    let made = groups(&fixture);
+    assert_eq!(made.len(), 1);
+    assert_eq!(made[0].title, "Group");
+    for id in ["decode", "save"] {
+        assert!(
+            made[0].frame().contains_rect(fixture.node_frame(id)),
+            "{id}"
+        );
+    }
+    assert!(!made[0].frame().intersects(fixture.node_frame("sampler")));
+    assert!(fixture.app().document().is_modified());
+
+    // Saved, and opened again after a new document, the group is back.
+    let path = fixture.dir.path().join("grouped.json");
+    fixture.harness.state_mut().save_to(path.clone());
+    let stored: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(stored["ui"]["groups"][0]["title"], "Group");
+    fixture.harness.state_mut().new_document();
+    fixture.harness.run_steps(2);
+    assert!(groups(&fixture).is_empty());
+    fixture.drop_file(&path);
+    fixture.harness.run_steps(2);
+    assert_eq!(groups(&fixture), made);
+    assert!(!fixture.app().document().is_modified());
+
+    // Dragging the title bar moves the frame and both nodes by the drag, and nothing else.
+    let position = |fixture: &Fixture, id: &str| {
+        let node = fixture.app().document().graph().node(id).unwrap().clone();
+        egui::vec2(node.position[0], node.position[1])
+    };
+    let before: Vec<egui::Vec2> = ["decode", "save", "sampler"]
+        .iter()
+        .map(|id| position(&fixture, id))
+        .collect();
+    let grip = fixture.app().transform * (made[0].frame().left_top() + egui::vec2(60.0, 12.0));
+    let drag = egui::vec2(90.0, 120.0);
+    fixture.drag(grip, grip + drag);
+    let moved = drag / fixture.app().transform.scaling;
+    let near = |a: egui::Vec2, b: egui::Vec2| (a - b).length() < 1.0;
+    for (id, start) in ["decode", "save"].iter().zip(&before) {
+        let now = position(&fixture, id);
+        assert!(near(now, *start + moved), "{id}: {start:?} to {now:?}");
+    }
+    assert_eq!(position(&fixture, "sampler"), before[2]);
+    let dragged = groups(&fixture);
+    assert!(near(dragged[0].frame().min - made[0].frame().min, moved));
+    assert!(fixture.app().document().is_modified());
+
+    // Undo puts the nodes and the frame back.
+    fixture
+        .harness
+        .key_press_modifiers(Modifiers::COMMAND, Key::Z);
+    fixture.harness.run_steps(3);
+    for (id, start) in ["decode", "save", "sampler"].iter().zip(&before) {
+        assert_eq!(position(&fixture, id), *start, "{id}");
+    }
+    assert_eq!(groups(&fixture), made);
+    assert!(!fixture.app().document().is_modified());
+}
+
+#[test]
+fn a_group_is_renamed_and_removed_from_its_title_menu() {
+    let mut fixture = app(false);
+    fixture.click_title("cfg", Modifiers::NONE);
+    fixture
+        .harness
+        .key_press_modifiers(Modifiers::COMMAND, Key::G);
+    fixture.harness.run_steps(3);
+    let groups = |fixture: &Fixture| super::groups::groups(&fixture.app().document().ui_state);
+    let frame = groups(&fixture)[0].frame();
+    let grip = fixture.app().transform * (frame.left_top() + egui::vec2(60.0, 12.0));
+    let open_menu = |fixture: &mut Fixture| {
+        fixture.harness.hover_at(grip);
+        fixture.harness.run_steps(1);
+        for pressed in [true, false] {
+            fixture.button(
+                grip,
+                egui::PointerButton::Secondary,
+                pressed,
+                Modifiers::NONE,
+            );
+        }
+        fixture.harness.run_steps(3);
+    };
+    open_menu(&mut fixture);
+    fixture.harness.get_by_label("Rename").click();
+    fixture.harness.run_steps(3);
+    fixture
+        .harness
+        .key_press_modifiers(Modifiers::COMMAND, Key::A);
+    fixture.harness.event(egui::Event::Text("Guidance".into()));
+    fixture.harness.run_steps(1);
+    fixture.harness.key_press(Key::Enter);
+    fixture.harness.run_steps(3);
+    assert_eq!(groups(&fixture)[0].title, "Guidance");
+    assert_eq!(groups(&fixture)[0].frame(), frame);
+
+    open_menu(&mut fixture);
+    fixture.harness.get_by_label("Remove group").click();
+    fixture.harness.run_steps(3);
+    assert!(groups(&fixture).is_empty());
+    assert!(
+        fixture.app().document().graph().node("cfg").is_some(),
+        "the nodes stay"
+    );
 }

@@ -114,24 +114,34 @@ fn encode_png(
 
 /// The workflow JSON a PNG saved by Flowline carries, or `None` for a PNG without one.
 pub fn read_png_workflow(path: &Path) -> anyhow::Result<Option<String>> {
+    read_png_text(path, PNG_WORKFLOW_KEY)
+}
+
+/// The text a PNG carries under `keyword`, from its first iTXt, tEXt or zTXt chunk of that
+/// keyword (ComfyUI, for one, stores its workflows in tEXt chunks named `workflow` and
+/// `prompt`), or `None` where it has none.
+pub fn read_png_text(path: &Path, keyword: &str) -> anyhow::Result<Option<String>> {
     let file = fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let reader = png::Decoder::new(std::io::BufReader::new(file))
         .read_info()
         .with_context(|| format!("{} is not a readable PNG", path.display()))?;
     let info = reader.info();
-    for chunk in &info.utf8_text {
-        if chunk.keyword == PNG_WORKFLOW_KEY {
-            let text = chunk
-                .get_text()
-                .with_context(|| format!("{}: the workflow chunk is corrupt", path.display()))?;
-            return Ok(Some(text));
-        }
+    let corrupt = || format!("{}: the {keyword} chunk is corrupt", path.display());
+    if let Some(chunk) = info.utf8_text.iter().find(|c| c.keyword == keyword) {
+        return chunk.get_text().map(Some).with_context(corrupt);
     }
-    Ok(info
+    if let Some(chunk) = info
         .uncompressed_latin1_text
         .iter()
-        .find(|chunk| chunk.keyword == PNG_WORKFLOW_KEY)
-        .map(|chunk| chunk.text.clone()))
+        .find(|c| c.keyword == keyword)
+    {
+        return Ok(Some(chunk.text.clone()));
+    }
+    info.compressed_latin1_text
+        .iter()
+        .find(|c| c.keyword == keyword)
+        .map(|chunk| chunk.get_text().with_context(corrupt))
+        .transpose()
 }
 
 fn temp_beside(path: &Path) -> anyhow::Result<NamedTempFile> {
@@ -169,6 +179,34 @@ mod tests {
         assert_eq!(image::open(&second).unwrap().to_rgb8(), image);
         let leftovers = fs::read_dir(dir.path().join("sub")).unwrap().count();
         assert_eq!(leftovers, 2, "no temporary files are left behind");
+    }
+
+    #[test]
+    fn text_chunks_are_read_by_keyword_whichever_their_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("comfy.png");
+        let file = fs::File::create(&path).unwrap();
+        let mut encoder = png::Encoder::new(BufWriter::new(file), 1, 1);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder
+            .add_text_chunk("prompt".into(), "{}".into())
+            .unwrap();
+        encoder
+            .add_ztxt_chunk("workflow".into(), "{\"nodes\": []}".into())
+            .unwrap();
+        let mut writer = encoder.write_header().unwrap();
+        writer.write_image_data(&[0, 0, 0]).unwrap();
+        writer.finish().unwrap();
+        assert_eq!(
+            read_png_text(&path, "prompt").unwrap().as_deref(),
+            Some("{}")
+        );
+        assert_eq!(
+            read_png_text(&path, "workflow").unwrap().as_deref(),
+            Some("{\"nodes\": []}")
+        );
+        assert_eq!(read_png_text(&path, "parameters").unwrap(), None);
+        assert_eq!(read_png_workflow(&path).unwrap(), None);
     }
 
     #[test]

@@ -160,6 +160,9 @@ pub struct Family {
     pub description: &'static str,
     /// Whether the family needs a path (built-in models do not).
     pub needs_path: bool,
+    /// The Load Model parameters the family reads, besides `family`: the editor shows only
+    /// these.
+    pub uses: &'static [&'static str],
     pub load: LoadFn,
 }
 

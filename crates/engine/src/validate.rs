@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use crate::graph::{Graph, ParamValue};
+use crate::graph::{Graph, ParamValue, PortType};
 use crate::nodes::{self, context::NodeDef};
 
 /// One problem with a graph.
@@ -93,6 +93,26 @@ pub fn validate(graph: &Graph) -> Result<Plan, Vec<ValidationError>> {
         params.insert(node.id.clone(), complete);
     }
 
+    // The outputs linked to a node's `Any` inputs, with their declared types: what a reroute
+    // passes on.
+    let feeding_any_input = |node: &str| -> Vec<(&str, PortType)> {
+        let Some(def) = defs.get(node) else {
+            return Vec::new();
+        };
+        def.spec
+            .inputs
+            .iter()
+            .filter(|input| input.ty == PortType::Any)
+            .filter_map(|input| graph.link_into(node, input.name))
+            .filter_map(|link| {
+                let from = defs
+                    .get(link.from.node.as_str())?
+                    .spec
+                    .output(&link.from.port)?;
+                Some((link.from.node.as_str(), from.ty))
+            })
+            .collect()
+    };
     let mut fed: HashSet<(&str, &str)> = HashSet::new();
     let mut upstream: HashMap<&str, Vec<&str>> = HashMap::new();
     for link in &graph.links {
@@ -134,11 +154,15 @@ pub fn validate(graph: &Graph) -> Result<Plan, Vec<ValidationError>> {
                 "has more than one link".into(),
             );
         }
-        if output.ty != input.ty {
+        let given = match output.ty {
+            PortType::Any => PortType::resolve(link.from.node.as_str(), &feeding_any_input),
+            ty => ty,
+        };
+        if !given.fits(input.ty) {
             error(
                 &link.to.node,
                 Some(format!("input {}", link.to.port)),
-                format!("expects {} but {} gives {}", input.ty, link.from, output.ty),
+                format!("expects {} but {} gives {}", input.ty, link.from, given),
             );
             continue;
         }

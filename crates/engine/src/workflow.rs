@@ -153,18 +153,6 @@ impl Workflow {
         }
     }
 
-    /// Reads a workflow from a `.json` file or from a PNG that carries one.
-    pub fn open(path: &Path) -> Result<Self, WorkflowError> {
-        let is_png = path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("png"));
-        if is_png {
-            Self::from_png(path)
-        } else {
-            Self::load(path)
-        }
-    }
-
     pub fn to_json(&self) -> String {
         let file = WorkflowFile {
             format: FORMAT.to_string(),

@@ -72,10 +72,10 @@ fn sorted_dirs(folder: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// Models in a Hugging Face hub cache: each `models--org--name/snapshots/REV/` whose top-level
-/// safetensors hold a model Flowline runs (the loader finds the other pieces in the snapshot).
-pub fn scan_hf_cache(cache: &Path) -> Vec<FoundModel> {
-    let mut found = Vec::new();
+/// Every snapshot in a Hugging Face hub cache (`models--org--name/snapshots/REV/`), with the
+/// id of its repository (`org/name`).
+fn hf_snapshots(cache: &Path) -> Vec<(String, PathBuf)> {
+    let mut snapshots = Vec::new();
     for repo in sorted_dirs(cache) {
         let Some(name) = repo.file_name().and_then(|n| n.to_str()) else {
             continue;
@@ -85,16 +85,52 @@ pub fn scan_hf_cache(cache: &Path) -> Vec<FoundModel> {
         };
         let id = id.replacen("--", "/", 1);
         for snapshot in sorted_dirs(&repo.join("snapshots")) {
-            if let Some(family) = model_in(&snapshot) {
-                found.push(FoundModel {
-                    family,
-                    path: snapshot,
-                    source: format!("Hugging Face cache ({id})"),
-                });
-            }
+            snapshots.push((id.clone(), snapshot));
         }
     }
-    found
+    snapshots
+}
+
+/// Models in a Hugging Face hub cache: each snapshot whose top-level safetensors hold a model
+/// Flowline runs (the loader finds the other pieces in the snapshot).
+pub fn scan_hf_cache(cache: &Path) -> Vec<FoundModel> {
+    hf_snapshots(cache)
+        .into_iter()
+        .filter_map(|(id, snapshot)| {
+            let family = model_in(&snapshot)?;
+            Some(FoundModel {
+                family,
+                path: snapshot,
+                source: format!("Hugging Face cache ({id})"),
+            })
+        })
+        .collect()
+}
+
+/// The file a ComfyUI workflow names by its place in a models folder (`flux1-dev.safetensors`,
+/// `flux/ae.safetensors`): under one of `subfolders` of the ComfyUI `models` folder, else in a
+/// snapshot of the Hugging Face cache, at its top or one folder down (where releases keep
+/// their text encoders and autoencoders).
+pub fn find_named_file(
+    name: &str,
+    subfolders: &[&str],
+    models: Option<&Path>,
+    hf_cache: Option<&Path>,
+) -> Option<PathBuf> {
+    let name = name.replace('\\', "/");
+    let file_name = Path::new(&name).file_name()?;
+    let mut places: Vec<PathBuf> = models
+        .into_iter()
+        .flat_map(|models| subfolders.iter().map(|sub| models.join(sub).join(&name)))
+        .collect();
+    if let Some(cache) = hf_cache {
+        for (_, snapshot) in hf_snapshots(cache) {
+            places.push(snapshot.join(&name));
+            places.push(snapshot.join(file_name));
+            places.extend(sorted_dirs(&snapshot).iter().map(|d| d.join(file_name)));
+        }
+    }
+    places.into_iter().find(|path| path.is_file())
 }
 
 /// Models in a ComfyUI-style `models/` folder: transformers in `unet/`, `diffusion_models/`
@@ -113,4 +149,37 @@ pub fn scan_models_folder(models: &Path) -> Vec<FoundModel> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_files_are_found_in_a_models_folder_then_in_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let touch = |path: PathBuf| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"").unwrap();
+            path
+        };
+        let models = dir.path().join("models");
+        let cache = dir.path().join("hub");
+        let unet = touch(models.join("unet/flux/flux1-dev.safetensors"));
+        let snapshot = cache.join("models--stabilityai--stable-diffusion-3.5-large/snapshots/c0de");
+        let clip_g = touch(snapshot.join("text_encoders/clip_g.safetensors"));
+        let cached_unet = touch(snapshot.join("flux1-dev.safetensors"));
+        let find = |name: &str, subfolders: &[&str]| {
+            find_named_file(name, subfolders, Some(&models), Some(&cache))
+        };
+        let both = ["diffusion_models", "unet"];
+        assert_eq!(find("flux\\flux1-dev.safetensors", &both), Some(unet));
+        assert_eq!(find("flux1-dev.safetensors", &both), Some(cached_unet));
+        assert_eq!(find("clip_g.safetensors", &["clip"]), Some(clip_g));
+        assert_eq!(find("t5xxl_fp16.safetensors", &["clip"]), None);
+        assert_eq!(
+            find_named_file("clip_g.safetensors", &["clip"], None, None),
+            None
+        );
+    }
 }

@@ -32,10 +32,25 @@ use crate::text_encoders::{
 use flowline_engine::error::InputError;
 use flowline_engine::model::{Conditioning, Family, FlowModel, LatentPreview, LoadRequest};
 
+/// The Load Model parameters FLUX.1 reads: its pieces and how to run them.
+const PIECES_AND_SETTINGS: &[&str] = &[
+    "path",
+    "transformer",
+    "vae",
+    "clip_l",
+    "t5",
+    "clip_tokenizer",
+    "t5_tokenizer",
+    "precision",
+    "device",
+    "text_encoders",
+];
+
 pub const SCHNELL: Family = Family {
     name: crate::locate::FLUX_SCHNELL,
     description: "FLUX.1 [schnell] (4 steps, no guidance) from your own files",
     needs_path: true,
+    uses: PIECES_AND_SETTINGS,
     load: load_schnell,
 };
 
@@ -43,6 +58,7 @@ pub const DEV: Family = Family {
     name: crate::locate::FLUX_DEV,
     description: "FLUX.1 [dev] (distilled guidance) from your own files",
     needs_path: true,
+    uses: PIECES_AND_SETTINGS,
     load: load_dev,
 };
 

@@ -8,11 +8,12 @@
 //! Modules from the bottom up: [`checkpoint`] (reading safetensors and GGUF headers and
 //! weights, memory checks), [`locate`] (finding a model's pieces on disk and telling what a
 //! file holds), [`autoencoder`] and [`text_encoders`] (the pieces FLUX and SD3.5 share), the
-//! families [`flux`] and [`sd3`], and [`discovery`] (models in the Hugging Face cache and
-//! ComfyUI-style folders).
+//! families [`flux`] and [`sd3`], [`discovery`] (models in the Hugging Face cache and
+//! ComfyUI-style folders), and [`comfyui`] (opening workflows, ComfyUI's converted).
 
 pub mod autoencoder;
 pub mod checkpoint;
+pub mod comfyui;
 pub mod discovery;
 pub mod flux;
 pub mod locate;

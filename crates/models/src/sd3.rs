@@ -32,10 +32,26 @@ use crate::text_encoders::{
 use flowline_engine::error::InputError;
 use flowline_engine::model::{Conditioning, Family, FlowModel, LatentPreview, LoadRequest};
 
+/// The Load Model parameters SD3.5 reads: its pieces and how to run them.
+const PIECES_AND_SETTINGS: &[&str] = &[
+    "path",
+    "transformer",
+    "vae",
+    "clip_l",
+    "clip_g",
+    "t5",
+    "clip_tokenizer",
+    "t5_tokenizer",
+    "precision",
+    "device",
+    "text_encoders",
+];
+
 pub const LARGE: Family = Family {
     name: crate::locate::SD35_LARGE,
     description: "Stable Diffusion 3.5 Large from your own files",
     needs_path: true,
+    uses: PIECES_AND_SETTINGS,
     load: load_large,
 };
 
@@ -43,6 +59,7 @@ pub const MEDIUM: Family = Family {
     name: crate::locate::SD35_MEDIUM,
     description: "Stable Diffusion 3.5 Medium (MMDiT-X) from your own files",
     needs_path: true,
+    uses: PIECES_AND_SETTINGS,
     load: load_medium,
 };
 

@@ -27,6 +27,7 @@ pub const FAMILY: Family = Family {
     name: "exemplar",
     description: "built-in shapes model with the exact velocity of exemplar pictures (no weights)",
     needs_path: false,
+    uses: &[],
     load,
 };
 

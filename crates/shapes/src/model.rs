@@ -31,6 +31,7 @@ pub const FAMILY: Family = Family {
     name: "shapes",
     description: "Flowline's own small text-to-image model of coloured shapes (64×64)",
     needs_path: false,
+    uses: &["path", "device"],
     load,
 };
 
@@ -41,6 +42,7 @@ pub const GUIDE_FAMILY: Family = Family {
     name: "shapes-guide",
     description: "the shapes model earlier in its training, to autoguide the shapes model with",
     needs_path: false,
+    uses: &["path", "device"],
     load: load_guide,
 };
 

@@ -13,7 +13,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// The type of a port; a link may only join an output and an input of the same type.
+/// The type of a port; a link may only join an output and an input of the same type, where
+/// a reroute's `Any` stands for the type that flows through it (see [`PortType::fits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum PortType {
@@ -22,6 +23,42 @@ pub enum PortType {
     Guider,
     Latent,
     Image,
+    /// A port that passes on whatever reaches it (a reroute's): its node's `Any` outputs carry
+    /// the type that flows into its `Any` input, found by [`PortType::resolve`].
+    Any,
+}
+
+impl PortType {
+    /// Whether a link may join ports of these types: the same type, or one not yet known.
+    pub fn fits(self, other: PortType) -> bool {
+        self == other || self == PortType::Any || other == PortType::Any
+    }
+
+    /// The type an `Any` port of node `start` stands for: the first fixed type met walking the
+    /// links from node to node, where `neighbours(node)` gives the ports linked to `node`'s
+    /// `Any` ports on one side (upstream: what feeds its input; downstream: what its output
+    /// feeds), each with its node and declared type. A neighbour's `Any` port is walked
+    /// through, so a chain of reroutes carries one type. `Any` where the walk meets no fixed
+    /// type (nothing connected, or a loop of reroutes).
+    pub fn resolve<N: Copy + PartialEq>(
+        start: N,
+        mut neighbours: impl FnMut(N) -> Vec<(N, PortType)>,
+    ) -> PortType {
+        let mut seen = vec![start];
+        let mut to_visit = vec![start];
+        while let Some(node) = to_visit.pop() {
+            for (neighbour, ty) in neighbours(node) {
+                if ty != PortType::Any {
+                    return ty;
+                }
+                if !seen.contains(&neighbour) {
+                    seen.push(neighbour);
+                    to_visit.push(neighbour);
+                }
+            }
+        }
+        PortType::Any
+    }
 }
 
 impl fmt::Display for PortType {
@@ -32,6 +69,7 @@ impl fmt::Display for PortType {
             PortType::Guider => "GUIDER",
             PortType::Latent => "LATENT",
             PortType::Image => "IMAGE",
+            PortType::Any => "ANY",
         };
         f.write_str(name)
     }

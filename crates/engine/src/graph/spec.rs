@@ -3,6 +3,8 @@
 //! These declarations are plain data, below the node files that fill them in and the editor,
 //! validator and command line that read them, so every layer agrees on one description.
 
+use std::collections::BTreeMap;
+
 use super::{ParamValue, PortType};
 
 /// What a node type declares: its ports and parameters.
@@ -12,6 +14,8 @@ pub struct NodeSpec {
     pub type_name: &'static str,
     /// The name a person reads.
     pub title: &'static str,
+    /// Where node search lists it, e.g. "loaders" or "sampling".
+    pub category: &'static str,
     pub description: &'static str,
     pub inputs: Vec<PortSpec>,
     pub outputs: Vec<PortSpec>,
@@ -32,7 +36,54 @@ impl NodeSpec {
     pub fn param(&self, name: &str) -> Option<&ParamSpec> {
         self.params.iter().find(|p| p.name == name)
     }
+
+    /// The parameters that apply to a node set as `view` sees it, in declaration order.
+    pub fn applicable_params(&self, view: &ParamView<'_>) -> Vec<&ParamSpec> {
+        self.params.iter().filter(|p| p.applies_to(view)).collect()
+    }
 }
+
+/// What a parameter's rule of applicability sees of its node: the parameter values (the
+/// declared default where the node stores none) and which inputs are connected.
+pub struct ParamView<'a> {
+    spec: &'a NodeSpec,
+    values: &'a BTreeMap<String, ParamValue>,
+    connected: &'a dyn Fn(&str) -> bool,
+}
+
+impl<'a> ParamView<'a> {
+    pub fn new(
+        spec: &'a NodeSpec,
+        values: &'a BTreeMap<String, ParamValue>,
+        connected: &'a dyn Fn(&str) -> bool,
+    ) -> Self {
+        ParamView {
+            spec,
+            values,
+            connected,
+        }
+    }
+
+    /// The value of text or choice parameter `name`; empty for any other kind.
+    pub fn text(&self, name: &str) -> &str {
+        let value = self
+            .values
+            .get(name)
+            .or_else(|| self.spec.param(name).map(|p| &p.default));
+        match value {
+            Some(ParamValue::Text(text)) => text,
+            _ => "",
+        }
+    }
+
+    /// Whether a link feeds input `name`.
+    pub fn is_connected(&self, name: &str) -> bool {
+        (self.connected)(name)
+    }
+}
+
+/// Whether parameter `param` applies to a node as `view` sees it.
+pub type AppliesFn = fn(view: &ParamView<'_>, param: &str) -> bool;
 
 /// An input or output port.
 #[derive(Debug, Clone)]
@@ -93,6 +144,12 @@ pub struct ParamSpec {
     pub kind: ParamKind,
     pub default: ParamValue,
     pub help: &'static str,
+    /// When the parameter applies (none: always). The editor hides one that does not, as a
+    /// CFG method's own scales under another method; its value stays in the workflow.
+    pub applies: Option<AppliesFn>,
+    /// Folded away under "more" in the editor: a setting most runs leave alone, or a file the
+    /// loader finds by itself.
+    pub folded: bool,
 }
 
 impl ParamSpec {
@@ -136,7 +193,30 @@ impl ParamSpec {
             kind,
             default,
             help,
+            applies: None,
+            folded: false,
         }
+    }
+
+    /// The parameter applies only where `applies` says so.
+    pub fn when(self, applies: AppliesFn) -> Self {
+        ParamSpec {
+            applies: Some(applies),
+            ..self
+        }
+    }
+
+    /// The parameter is folded away under "more" in the editor.
+    pub fn folded(self) -> Self {
+        ParamSpec {
+            folded: true,
+            ..self
+        }
+    }
+
+    /// Whether the parameter applies to a node as `view` sees it.
+    pub fn applies_to(&self, view: &ParamView<'_>) -> bool {
+        self.applies.is_none_or(|applies| applies(view, self.name))
     }
 
     /// Checks a stored value against this parameter, returning it in its canonical form

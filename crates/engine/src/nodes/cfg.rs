@@ -27,6 +27,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "cfg",
             title: "CFG",
+            category: "sampling",
             description: "Classifier-free guidance; scale 1 uses the positive prompt alone at half the cost. A weaker version of the model on guide_model adds autoguidance.",
             inputs: vec![
                 PortSpec::required("model", PortType::Model),
@@ -49,56 +50,64 @@ pub fn definition() -> NodeDef {
                     1.0,
                     0.7,
                     "rescale: share of the rescaled estimate",
-                ),
+                )
+                .when(|view, _| view.text("method") == "rescale"),
                 ParamSpec::float(
                     "apg_parallel_scale",
                     0.0,
                     1.0,
                     0.0,
                     "apg: weight of the parallel component",
-                ),
+                )
+                .when(|view, _| view.text("method") == "apg"),
                 ParamSpec::float(
                     "apg_norm_threshold",
                     0.0,
                     1000.0,
                     0.0,
                     "apg: largest guidance norm (0 = no limit)",
-                ),
+                )
+                .when(|view, _| view.text("method") == "apg"),
                 ParamSpec::float(
                     "distilled_guidance",
                     0.0,
                     30.0,
                     crate::model::DEFAULT_DISTILLED_GUIDANCE,
                     "FLUX.1 [dev]'s built-in guidance input (other models ignore it)",
-                ),
+                )
+                .folded(),
                 ParamSpec::float(
                     "interval_low",
                     0.0,
                     1.0,
                     0.0,
                     "guide (and autoguide) only for σ ≥ this",
-                ),
+                )
+                .folded(),
                 ParamSpec::float(
                     "interval_high",
                     0.0,
                     1.0,
                     1.0,
                     "guide (and autoguide) only for σ ≤ this",
-                ),
+                )
+                .folded(),
                 ParamSpec::float(
                     "autoguide_scale",
                     1.0,
                     10.0,
                     2.0,
                     "autoguidance: how far to step away from guide_model, a weaker version of the model (1 = off)",
-                ),
+                )
+                .when(|view, _| view.is_connected("guide_model")),
                 ParamSpec::float(
                     "classifier_scale",
                     0.0,
                     20.0,
                     0.0,
                     "classifier guidance by the model's own caption classifier, where it has one (0 = off)",
-                ),
+                )
+                .folded(),
             ],
             is_output: false,
         },

@@ -113,6 +113,11 @@ impl<'a> NodeContext<'a> {
         self.input(name).ok_or_else(|| not_connected(name))
     }
 
+    /// The value on input `name`, whatever its type.
+    pub fn value(&self, name: &str) -> anyhow::Result<Value> {
+        self.required(name).cloned()
+    }
+
     pub fn model(&self, name: &str) -> anyhow::Result<Arc<dyn FlowModel>> {
         self.optional_model(name)?
             .ok_or_else(|| not_connected(name))

@@ -10,6 +10,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "decode",
             title: "Decode",
+            category: "image",
             description: "Decodes a latent into an image with the model's autoencoder.",
             inputs: vec![
                 PortSpec::required("model", PortType::Model),

@@ -12,6 +12,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "encode_prompt",
             title: "Encode Prompt",
+            category: "conditioning",
             description: "Encodes a prompt with the model's text encoder; an empty prompt is the unconditional one.",
             inputs: vec![PortSpec::required("model", PortType::Model)],
             outputs: vec![PortSpec::required("conditioning", PortType::Conditioning)],

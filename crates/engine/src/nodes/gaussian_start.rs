@@ -11,6 +11,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "gaussian_start",
             title: "Gaussian Start",
+            category: "latent",
             description: "Pure noise at σ = 1, bit-identical for a seed on every machine.",
             inputs: vec![PortSpec::required("model", PortType::Model)],
             outputs: vec![PortSpec::required("latent", PortType::Latent)],

@@ -14,6 +14,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "load_image",
             title: "Load Image",
+            category: "loaders",
             description: "Reads an image file.",
             inputs: vec![],
             outputs: vec![PortSpec::required("image", PortType::Image)],

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 
 use crate::error::InputError;
 use crate::graph::PortType;
-use crate::graph::spec::{NodeSpec, ParamSpec, PortSpec};
+use crate::graph::spec::{NodeSpec, ParamSpec, ParamView, PortSpec};
 use crate::graph::value::Value;
 use crate::model::{LoadRequest, family, family_names};
 use crate::nodes::context::{NodeContext, NodeDef, NodeEvent};
@@ -54,32 +54,36 @@ pub fn definition() -> NodeDef {
             family_names().first().copied().unwrap_or_default(),
             "which kind of model",
         ),
-        ParamSpec::path("path", true, "model folder or single-file checkpoint"),
+        ParamSpec::path("path", true, "model folder or single-file checkpoint")
+            .when(used_by_family),
     ];
-    params.extend(
-        PIECES
-            .iter()
-            .map(|&(name, help)| ParamSpec::path(name, false, help)),
-    );
+    params.extend(PIECES.iter().map(|&(name, help)| {
+        ParamSpec::path(name, false, help)
+            .when(used_by_family)
+            .folded()
+    }));
     params.extend([
         ParamSpec::choice(
             "precision",
             &PRECISIONS,
             "bf16",
             "number format of FLUX/SD3.5 weights (f32 doubles the memory)",
-        ),
-        ParamSpec::choice("device", &DEVICES, "cpu", "where the networks run"),
+        )
+        .when(used_by_family),
+        ParamSpec::choice("device", &DEVICES, "cpu", "where the networks run").when(used_by_family),
         ParamSpec::choice(
             "text_encoders",
             &TEXT_ENCODERS,
             "free",
             "free the text encoders after each prompt, or keep them loaded",
-        ),
+        )
+        .when(used_by_family),
     ]);
     NodeDef {
         spec: NodeSpec {
             type_name: "load_model",
             title: "Load Model",
+            category: "loaders",
             description: "Loads a flow-matching model: prompt encoder, velocity network and autoencoder.",
             inputs: vec![],
             outputs: vec![PortSpec::required("model", PortType::Model)],
@@ -88,6 +92,12 @@ pub fn definition() -> NodeDef {
         },
         run,
     }
+}
+
+/// Whether the chosen family reads `param` (the piece files, folded away, are found from the
+/// path unless named).
+fn used_by_family(view: &ParamView<'_>, param: &str) -> bool {
+    family(view.text("family")).is_some_and(|family| family.uses.contains(&param))
 }
 
 fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {

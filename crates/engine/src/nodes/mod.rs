@@ -8,6 +8,7 @@ mod gaussian_start;
 mod load_image;
 mod load_model;
 mod preview_image;
+mod reroute;
 mod sampler;
 mod save_image;
 mod source_image_start;
@@ -18,19 +19,20 @@ use std::sync::LazyLock;
 
 use self::context::NodeDef;
 
-/// Every node type Flowline knows, in the order a user browses them.
+/// Every node type Flowline knows, in the order a user browses them (by category).
 pub static REGISTRY: LazyLock<Vec<NodeDef>> = LazyLock::new(|| {
     vec![
         load_model::definition(),
+        load_image::definition(),
         encode_prompt::definition(),
         gaussian_start::definition(),
         source_image_start::definition(),
-        load_image::definition(),
         cfg::definition(),
         sampler::definition(),
         decode::definition(),
         save_image::definition(),
         preview_image::definition(),
+        reroute::definition(),
     ]
 });
 

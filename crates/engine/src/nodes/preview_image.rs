@@ -10,6 +10,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "preview_image",
             title: "Preview Image",
+            category: "image",
             description: "Shows the image in the app.",
             inputs: vec![PortSpec::required("image", PortType::Image)],
             outputs: vec![],

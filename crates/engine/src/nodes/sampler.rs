@@ -4,7 +4,7 @@
 use crate::flow::sampler::{FreshNoise, SamplerKind, sample};
 use crate::flow::schedule::{FLUX_BASE_SHIFT, FLUX_MAX_SHIFT, Scheduler};
 use crate::graph::PortType;
-use crate::graph::spec::{NodeSpec, ParamSpec, PortSpec};
+use crate::graph::spec::{NodeSpec, ParamSpec, ParamView, PortSpec};
 use crate::graph::value::{Latent, Value};
 use crate::nodes::context::{NodeContext, NodeDef, NodeEvent};
 
@@ -15,6 +15,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "sampler",
             title: "Sampler",
+            category: "sampling",
             description: "Integrates the flow from the start latent to σ = 0.",
             inputs: vec![
                 PortSpec::required("guider", PortType::Guider),
@@ -41,34 +42,44 @@ pub fn definition() -> NodeDef {
                     1.0,
                     1.0,
                     "euler_ancestral: share of each step redrawn as fresh noise",
-                ),
-                ParamSpec::seed("noise_seed", "euler_ancestral: seed of the fresh noise"),
+                )
+                .when(ancestral),
+                ParamSpec::seed("noise_seed", "euler_ancestral: seed of the fresh noise")
+                    .when(ancestral),
                 ParamSpec::float(
                     "shift",
                     0.01,
                     100.0,
                     3.0,
                     "shifted: s in σ' = sσ/(1+(s−1)σ)",
-                ),
+                )
+                .when(|view, _| view.text("scheduler") == "shifted"),
                 ParamSpec::float(
                     "base_shift",
                     0.0,
                     10.0,
                     FLUX_BASE_SHIFT,
                     "flux: μ at 256 image tokens",
-                ),
+                )
+                .when(|view, _| view.text("scheduler") == "flux"),
                 ParamSpec::float(
                     "max_shift",
                     0.0,
                     10.0,
                     FLUX_MAX_SHIFT,
                     "flux: μ at 4096 image tokens",
-                ),
+                )
+                .when(|view, _| view.text("scheduler") == "flux"),
             ],
             is_output: false,
         },
         run,
     }
+}
+
+/// Whether the sampler redraws noise at each step, which `eta` and `noise_seed` control.
+fn ancestral(view: &ParamView<'_>, _param: &str) -> bool {
+    view.text("sampler") == "euler_ancestral"
 }
 
 fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {

@@ -15,6 +15,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "save_image",
             title: "Save Image",
+            category: "image",
             description: "Saves a PNG as PATH_00001.png, PATH_00002.png, … with the workflow inside.",
             inputs: vec![PortSpec::required("image", PortType::Image)],
             outputs: vec![],

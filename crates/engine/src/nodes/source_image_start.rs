@@ -12,6 +12,7 @@ pub fn definition() -> NodeDef {
         spec: NodeSpec {
             type_name: "source_image_start",
             title: "Source Image Start",
+            category: "latent",
             description: "Starts at σ = strength from the image: x = σ·ε + (1−σ)·x_image.",
             inputs: vec![
                 PortSpec::required("model", PortType::Model),
