@@ -134,86 +134,16 @@ pub fn evaluate(
     settings: &EvalSettings,
     on_row: &mut dyn FnMut(&Row, &[image::RgbImage]),
 ) -> anyhow::Result<Vec<Row>> {
-    if let Some(weak) = weak {
-        Autoguide::check_compatible(model.as_ref(), weak.model.as_ref())?;
-    }
-    let classifier = |prompts: Vec<String>| ClassifierGuide {
-        prompts,
-        scale: settings.classifier_scale,
-    };
-    classifier(Vec::new()).check_available(model.as_ref())?;
-    let negative = Arc::new(model.encode_prompt("")?);
-    let encode_all = |model: &Arc<dyn FlowModel>| {
-        cases
-            .iter()
-            .map(|case| model.encode_prompt(&case.caption.text()))
-            .collect::<anyhow::Result<Vec<Conditioning>>>()
-    };
-    let positives = encode_all(model)?;
-    let weak_positives = weak.map(|weak| encode_all(&weak.model)).transpose()?;
-    let shape = model.latent_shape(CANVAS_SIZE as usize, CANVAS_SIZE as usize)?;
-    let starts: Vec<Tensor> = cases
-        .iter()
-        .map(|case| start(model.as_ref(), case, &shape, settings.start_sigma))
-        .collect::<anyhow::Result<_>>()?;
-    let batch = if model.batches_prompts() {
-        settings.batch.max(1)
-    } else {
-        1
-    };
+    let generator = Generator::new(model, weak, cases, settings)?;
     let mut rows = Vec::new();
     for &sampler in &settings.samplers {
         for &steps in &settings.steps {
             let started = std::time::Instant::now();
-            let mut images = Vec::with_capacity(cases.len());
-            let mut straightness = 0.0;
-            for chunk in (0..cases.len()).collect::<Vec<_>>().chunks(batch) {
-                let gather = |model: &Arc<dyn FlowModel>, all: &[Conditioning]| {
-                    anyhow::Ok(Arc::new(match chunk {
-                        [single] => all[*single].clone(),
-                        _ => {
-                            let list: Vec<Conditioning> =
-                                chunk.iter().map(|&i| all[i].clone()).collect();
-                            model.batch_conditioning(&list)?
-                        }
-                    }))
-                };
-                let start: Vec<&Tensor> = chunk.iter().map(|&i| &starts[i]).collect();
-                let start = Tensor::cat(&start, 0)?;
-                let autoguide = match (weak, &weak_positives) {
-                    (Some(weak), Some(all)) => Some(Autoguide {
-                        model: weak.model.clone(),
-                        positive: gather(&weak.model, all)?,
-                        scale: weak.scale,
-                    }),
-                    _ => None,
-                };
-                let guider = Guider {
-                    model: model.clone(),
-                    positive: gather(model, &positives)?,
-                    negative: Some(negative.clone()),
-                    guidance: settings.guidance,
-                    autoguide,
-                    classifier: Some(classifier(
-                        chunk.iter().map(|&i| cases[i].caption.text()).collect(),
-                    )),
-                };
-                let mut field = |x: &Tensor, sigma: f64| guider.velocity(x, sigma);
-                let sigmas = settings.scheduler.sigmas(steps, settings.start_sigma);
-                let noise = FreshNoise {
-                    eta: settings.eta,
-                    seeds: chunk.iter().map(|&i| cases[i].seed).collect(),
-                };
-                let output =
-                    run_sampler(sampler, &mut field, &start, &sigmas, &noise, &mut |_| {
-                        ControlFlow::Continue(())
-                    })?;
-                straightness += output.straightness * chunk.len() as f64;
-                for i in 0..chunk.len() {
-                    let decoded = model.decode(&output.latent.narrow(0, i, 1)?)?;
-                    images.push(image_from_tensor(&decoded)?);
-                }
-            }
+            let (latents, straightness) = generator.latents(sampler, steps)?;
+            let images = latents
+                .iter()
+                .map(|latent| anyhow::Ok(image_from_tensor(&model.decode(latent)?)?))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let row = score(
                 sampler,
                 steps,
@@ -227,6 +157,121 @@ pub fn evaluate(
         }
     }
     Ok(rows)
+}
+
+/// Generates the cases' images as a graph run would, through the same [`Guider`] and sampler,
+/// with the prompts encoded and the start latents drawn once for every sampler and step count.
+pub struct Generator<'a> {
+    model: &'a Arc<dyn FlowModel>,
+    weak: Option<&'a WeakGuide>,
+    cases: &'a [Case],
+    settings: &'a EvalSettings,
+    negative: Arc<Conditioning>,
+    positives: Vec<Conditioning>,
+    weak_positives: Option<Vec<Conditioning>>,
+    starts: Vec<Tensor>,
+}
+
+impl<'a> Generator<'a> {
+    pub fn new(
+        model: &'a Arc<dyn FlowModel>,
+        weak: Option<&'a WeakGuide>,
+        cases: &'a [Case],
+        settings: &'a EvalSettings,
+    ) -> anyhow::Result<Self> {
+        if let Some(weak) = weak {
+            Autoguide::check_compatible(model.as_ref(), weak.model.as_ref())?;
+        }
+        ClassifierGuide {
+            prompts: Vec::new(),
+            scale: settings.classifier_scale,
+        }
+        .check_available(model.as_ref())?;
+        let encode_all = |model: &Arc<dyn FlowModel>| {
+            cases
+                .iter()
+                .map(|case| model.encode_prompt(&case.caption.text()))
+                .collect::<anyhow::Result<Vec<Conditioning>>>()
+        };
+        let shape = model.latent_shape(CANVAS_SIZE as usize, CANVAS_SIZE as usize)?;
+        Ok(Generator {
+            model,
+            weak,
+            cases,
+            settings,
+            negative: Arc::new(model.encode_prompt("")?),
+            positives: encode_all(model)?,
+            weak_positives: weak.map(|weak| encode_all(&weak.model)).transpose()?,
+            starts: cases
+                .iter()
+                .map(|case| start(model.as_ref(), case, &shape, settings.start_sigma))
+                .collect::<anyhow::Result<_>>()?,
+        })
+    }
+
+    /// Every case's final `[1, C, h, w]` latent, in case order, and the paths' mean
+    /// straightness.
+    pub fn latents(
+        &self,
+        sampler: SamplerKind,
+        steps: usize,
+    ) -> anyhow::Result<(Vec<Tensor>, f64)> {
+        let (model, cases, settings) = (self.model, self.cases, self.settings);
+        let batch = if model.batches_prompts() {
+            settings.batch.max(1)
+        } else {
+            1
+        };
+        let mut latents = Vec::with_capacity(cases.len());
+        let mut straightness = 0.0;
+        for chunk in (0..cases.len()).collect::<Vec<_>>().chunks(batch) {
+            let gather = |model: &Arc<dyn FlowModel>, all: &[Conditioning]| {
+                anyhow::Ok(Arc::new(match chunk {
+                    [single] => all[*single].clone(),
+                    _ => {
+                        let list: Vec<Conditioning> =
+                            chunk.iter().map(|&i| all[i].clone()).collect();
+                        model.batch_conditioning(&list)?
+                    }
+                }))
+            };
+            let start: Vec<&Tensor> = chunk.iter().map(|&i| &self.starts[i]).collect();
+            let start = Tensor::cat(&start, 0)?;
+            let autoguide = match (self.weak, &self.weak_positives) {
+                (Some(weak), Some(all)) => Some(Autoguide {
+                    model: weak.model.clone(),
+                    positive: gather(&weak.model, all)?,
+                    scale: weak.scale,
+                }),
+                _ => None,
+            };
+            let guider = Guider {
+                model: model.clone(),
+                positive: gather(model, &self.positives)?,
+                negative: Some(self.negative.clone()),
+                guidance: settings.guidance,
+                autoguide,
+                classifier: Some(ClassifierGuide {
+                    prompts: chunk.iter().map(|&i| cases[i].caption.text()).collect(),
+                    scale: settings.classifier_scale,
+                }),
+            };
+            let mut field = |x: &Tensor, sigma: f64| guider.velocity(x, sigma);
+            let sigmas = settings.scheduler.sigmas(steps, settings.start_sigma);
+            let noise = FreshNoise {
+                eta: settings.eta,
+                seeds: chunk.iter().map(|&i| cases[i].seed).collect(),
+            };
+            let output = run_sampler(sampler, &mut field, &start, &sigmas, &noise, &mut |_| {
+                ControlFlow::Continue(())
+            })?;
+            straightness += output.straightness * chunk.len() as f64;
+            for i in 0..chunk.len() {
+                latents.push(output.latent.narrow(0, i, 1)?);
+            }
+        }
+        Ok((latents, straightness / cases.len().max(1) as f64))
+    }
 }
 
 /// Where `case` starts: its seed's noise, mixed at σ = `sigma` < 1 with a right picture.
@@ -251,7 +296,7 @@ fn score(
     steps: usize,
     cases: &[Case],
     images: &[image::RgbImage],
-    straightness: f64,
+    mean_straightness: f64,
     seconds: f64,
 ) -> Row {
     let mut adherent = 0;
@@ -306,7 +351,7 @@ fn score(
         adherence: adherent as f64 / images.len().max(1) as f64,
         attributes: tallies.to_vec(),
         shapes_seen,
-        mean_straightness: straightness / images.len().max(1) as f64,
+        mean_straightness,
         seconds,
         cases: results,
     }
