@@ -425,6 +425,36 @@ fn bench_times_the_default_workflow_with_the_changes_asked_for() {
     let stdout = String::from_utf8(output.stdout).unwrap();
     assert!(stdout.contains("model shapes loaded"), "{stdout}");
     assert!(stdout.contains("wall time"), "{stdout}");
+    assert!(stdout.contains("Training step"), "{stdout}");
+
+    // Any workflow file: its end-to-end time and a row per node that ran, nothing else.
+    let output = flowline(&[
+        "bench",
+        DEFAULT,
+        "--repeats",
+        "1",
+        "--set",
+        "sampler.steps=2",
+        "--set",
+        "cfg.autoguide_scale=1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("default.json end to end"), "{stdout}");
+    let row = |node: &str| {
+        stdout
+            .lines()
+            .find(|line| line.starts_with(&format!("{node} ")))
+    };
+    for (node, type_name) in [
+        ("model", "load_model"),
+        ("sampler", "sampler"),
+        ("save", "save_image"),
+    ] {
+        let line = row(node).unwrap_or_else(|| panic!("no row for {node}: {stdout}"));
+        assert!(line.contains(type_name) && line.contains("MiB"), "{line}");
+    }
+    assert!(!stdout.contains("Training step"), "{stdout}");
 
     let output = flowline(&["bench", "--set", "model.size=9"]);
     assert_bad_input(&output, "has no parameter \"size\"");
