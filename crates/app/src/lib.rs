@@ -143,7 +143,7 @@ impl FlowlineApp {
         let settings = cc.storage.map(files::Settings::load).unwrap_or_default();
         let recovered = recovery.read();
         let (dialog_sender, dialog_results) = unbounded();
-        let executor = Executor::spawn();
+        let executor = Executor::spawn_in_background();
         let events = forward_events(executor.events().clone(), cc.egui_ctx.clone());
         let mut app = FlowlineApp {
             doc: Document::new(default_workflow(), None),
@@ -467,6 +467,11 @@ impl FlowlineApp {
             node_layout: Some(NodeLayout::sandwich()),
             pin_size: Some(10.0),
             wire_width: Some(2.5),
+            // The canvas colour comes from clearing the frame (see `clear_color`), not from a
+            // fill drawn over it: on a software renderer every filled pixel costs.
+            bg_frame: Some(egui::Frame::canvas(ui.style()).fill(egui::Color32::TRANSPARENT)),
+            // A window shadow is a blended band around each node, several times its border.
+            node_frame: Some(egui::Frame::window(ui.style()).shadow(egui::Shadow::NONE)),
             ..SnarlStyle::new()
         };
         // Labels on nodes are not text to select: a click on a title selects the node.
@@ -579,6 +584,11 @@ fn default_workflow() -> Workflow {
 }
 
 impl eframe::App for FlowlineApp {
+    /// The colour of the canvas and the panels, which draw no fill over it (see `editor`).
+    fn clear_color(&self, visuals: &egui::Visuals) -> [f32; 4] {
+        visuals.extreme_bg_color.to_normalized_gamma_f32()
+    }
+
     fn ui(&mut self, ui: &mut egui::Ui, _frame: &mut eframe::Frame) {
         let started = Instant::now();
         let ctx = ui.ctx().clone();
@@ -594,9 +604,17 @@ impl eframe::App for FlowlineApp {
         }
         self.shortcuts(&ctx);
 
-        egui::Panel::top("menu").show(ui, |ui| self.menu_bar(ui));
-        egui::Panel::bottom("status").show(ui, |ui| self.status_bar(ui));
+        // Panels draw no fill over the cleared frame (see `clear_color`): on a software
+        // renderer every filled pixel costs, and these cover most of the window.
+        let panel = egui::Frame::side_top_panel(ui.style()).fill(egui::Color32::TRANSPARENT);
+        egui::Panel::top("menu")
+            .frame(panel)
+            .show(ui, |ui| self.menu_bar(ui));
+        egui::Panel::bottom("status")
+            .frame(panel)
+            .show(ui, |ui| self.status_bar(ui));
         egui::Panel::right("preview")
+            .frame(panel)
             .resizable(true)
             .default_size(420.0)
             .min_size(260.0)

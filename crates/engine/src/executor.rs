@@ -184,13 +184,39 @@ pub struct Executor {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Gives the calling thread the lowest scheduling priority (nice 19); threads it starts
+/// inherit it. On Linux `setpriority` with id 0 changes the calling thread alone.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its integer arguments; a failure leaves the priority as
+    // it was, which is harmless.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
+}
+
 impl Executor {
     pub fn spawn() -> Self {
+        Self::spawn_with(|| {})
+    }
+
+    /// Like [`Executor::spawn`], but its thread, and the worker threads it starts, yield the
+    /// CPU to every other thread of normal priority (on Linux; elsewhere as `spawn`): an app's
+    /// UI then keeps drawing while a run fills the cores, at a small cost to the run where the
+    /// UI is busy.
+    pub fn spawn_in_background() -> Self {
+        Self::spawn_with(lower_this_threads_priority)
+    }
+
+    fn spawn_with(setup: fn()) -> Self {
         let (commands, command_rx) = unbounded();
         let (event_tx, events) = unbounded();
         let thread = std::thread::Builder::new()
             .name("flowline-executor".into())
-            .spawn(move || Worker::new(command_rx, event_tx).serve())
+            .spawn(move || {
+                setup();
+                Worker::new(command_rx, event_tx).serve()
+            })
             .expect("the executor thread starts");
         Executor {
             commands,
