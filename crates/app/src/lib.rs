@@ -422,10 +422,14 @@ impl FlowlineApp {
         let pressed_modifiers = self.translate_selection_click(ui.ctx(), ui.max_rect());
         let fit_to = if self.fit_requested && !self.node_rects.is_empty() {
             self.fit_requested = false;
+            let group_frames = groups::groups(&self.doc.ui_state)
+                .into_iter()
+                .map(|g| g.frame());
             let bounds = self
                 .node_rects
                 .values()
                 .copied()
+                .chain(group_frames)
                 .reduce(|a, b| a.union(b))
                 .expect("not empty")
                 .expand(40.0);

@@ -708,8 +708,13 @@ fn node_search_is_fuzzy_and_lists_categories() {
 }
 
 #[test]
-fn the_fit_button_brings_every_node_into_view() {
+fn the_fit_button_brings_every_node_and_group_into_view() {
     let mut fixture = app(false);
+    // A group far from every node.
+    let far = Rect::from_min_size(egui::pos2(1600.0, 900.0), egui::vec2(300.0, 200.0));
+    fixture.harness.state_mut().doc.ui_state = serde_json::json!({
+        "groups": [{"title": "far away", "rect": [far.min.x, far.min.y, far.width(), far.height()]}]
+    });
     fixture.harness.state_mut().transform =
         egui::emath::TSTransform::new(egui::vec2(3000.0, -2000.0), 0.4);
     fixture.harness.run_steps(2);
@@ -724,6 +729,8 @@ fn the_fit_button_brings_every_node_into_view() {
             "{id} is out of view"
         );
     }
+    let group = fixture.app().transform * far;
+    assert!(view.contains_rect(group), "the group is out of view");
 }
 
 #[test]
