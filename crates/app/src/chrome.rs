@@ -136,6 +136,16 @@ impl FlowlineApp {
                 if ui.button("Output folder…").clicked() {
                     self.dialogs.output_folder();
                 }
+                if ui
+                    .button("ComfyUI models folder…")
+                    .on_hover_text(
+                        "where the model files that ComfyUI workflows name are looked for, \
+                         besides the Hugging Face cache",
+                    )
+                    .clicked()
+                {
+                    self.dialogs.comfyui_models_folder();
+                }
                 ui.separator();
                 if ui.add(shortcut_button("Quit", &QUIT, ui)).clicked() {
                     ui.ctx().send_viewport_cmd(egui::ViewportCommand::Close);

@@ -24,6 +24,7 @@ pub enum DialogResult {
         path: PathBuf,
     },
     OutputFolder(PathBuf),
+    ComfyuiModels(PathBuf),
 }
 
 /// Opens native dialogs (rfd, through the XDG desktop portal on Linux) on their own threads,
@@ -96,6 +97,15 @@ impl FileDialog {
         });
     }
 
+    pub fn comfyui_models_folder(&self) {
+        self.spawn(|| {
+            rfd::FileDialog::new()
+                .set_title("ComfyUI models folder (for the files ComfyUI workflows name)")
+                .pick_folder()
+                .map(DialogResult::ComfyuiModels)
+        });
+    }
+
     pub fn param_path(&self, request: FileRequest) {
         self.spawn(move || {
             let dialog = rfd::FileDialog::new().set_title(format!("Choose {}", request.param));
@@ -160,6 +170,9 @@ impl Recovery {
 pub struct Settings {
     pub output_dir: PathBuf,
     pub recent: Vec<PathBuf>,
+    /// The ComfyUI `models/` folder where the files ComfyUI workflows name are looked for,
+    /// besides the Hugging Face cache.
+    pub comfyui_models: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -167,6 +180,7 @@ impl Default for Settings {
         Settings {
             output_dir: PathBuf::from("out"),
             recent: Vec::new(),
+            comfyui_models: None,
         }
     }
 }

@@ -91,6 +91,8 @@ pub struct FlowlineApp {
     runs: Runs,
     output_dir: PathBuf,
     recent: Vec<PathBuf>,
+    /// Where the files ComfyUI workflows name are looked for, besides the Hugging Face cache.
+    comfyui_models: Option<PathBuf>,
     recovery: Recovery,
     /// A workflow found in the recovery file at start-up, offered for restoring.
     recovered: Option<Workflow>,
@@ -152,6 +154,7 @@ impl FlowlineApp {
             runs: Runs::default(),
             output_dir: settings.output_dir,
             recent: settings.recent,
+            comfyui_models: settings.comfyui_models,
             recovery,
             recovered,
             last_autosave: Instant::now(),
@@ -208,7 +211,7 @@ impl FlowlineApp {
     /// Opens a workflow file, Flowline's or ComfyUI's. Only a Flowline `.json` becomes the
     /// document's file: saving over a PNG or a ComfyUI workflow would replace it.
     fn open(&mut self, path: &Path) {
-        match open_workflow(path, None) {
+        match open_workflow(path, self.comfyui_models.as_deref()) {
             Ok(opened) => {
                 let is_json = !path
                     .extension()
@@ -375,6 +378,13 @@ impl FlowlineApp {
                     }
                 }
                 files::DialogResult::OutputFolder(path) => self.output_dir = path,
+                files::DialogResult::ComfyuiModels(path) => {
+                    self.notice = Some(format!(
+                        "ComfyUI workflows opened from now on find their models in {}",
+                        path.display()
+                    ));
+                    self.comfyui_models = Some(path);
+                }
             }
         }
         for request in self.file_requests.drain(..) {
@@ -653,6 +663,7 @@ impl eframe::App for FlowlineApp {
         files::Settings {
             output_dir: self.output_dir.clone(),
             recent: self.recent.clone(),
+            comfyui_models: self.comfyui_models.clone(),
         }
         .store(storage);
     }

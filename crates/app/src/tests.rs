@@ -950,3 +950,35 @@ fn a_group_is_renamed_and_removed_from_its_title_menu() {
         "the nodes stay"
     );
 }
+
+#[test]
+fn comfyui_workflows_find_their_models_in_the_folder_chosen_for_them() {
+    let mut fixture = app(false);
+    let models = fixture.dir.path().join("models");
+    // A FLUX.1 [dev] transformer as far as its header tells: the tensor only [dev] has.
+    let transformer = models.join("unet/flux1-dev.safetensors");
+    std::fs::create_dir_all(transformer.parent().unwrap()).unwrap();
+    let tensor = candle_core::Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu);
+    let tensors = std::collections::HashMap::from([(
+        "guidance_in.in_layer.weight".to_string(),
+        tensor.unwrap(),
+    )]);
+    candle_core::safetensors::save(&tensors, &transformer).unwrap();
+    let sender = fixture.app().dialogs.sender.clone();
+    sender
+        .send(super::files::DialogResult::ComfyuiModels(models.clone()))
+        .unwrap();
+    fixture.harness.run_steps(2);
+    let workflow =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/comfyui/flux-dev.json");
+    fixture.drop_file(&workflow);
+    let graph = fixture.app().document().graph();
+    let model = graph
+        .node("model")
+        .expect("the loaders became one Load Model node");
+    assert_eq!(
+        model.params["path"],
+        ParamValue::Text(transformer.display().to_string())
+    );
+    assert_eq!(model.params["family"], ParamValue::Text("flux-dev".into()));
+}
