@@ -14,7 +14,9 @@ use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
 use flowline_shapes::config::WEIGHTS_FILE;
 use flowline_shapes::dataset::GRAMMAR;
 use flowline_shapes::model::ShapesModel;
-use flowline_shapes::train::{CHECKPOINT_FILE, Growth, TimeSampling, TrainSettings, Trainer};
+use flowline_shapes::train::{
+    CHECKPOINT_FILE, Growth, OPTIMIZER_FILE, TimeSampling, TrainSettings, Trainer,
+};
 
 /// The JSON file at `path`.
 fn read_json(path: &Path) -> serde_json::Value {
@@ -24,8 +26,8 @@ fn read_json(path: &Path) -> serde_json::Value {
 /// Trains the tiny configuration for `steps` steps and saves the run into `folder`.
 fn train_tiny(folder: &Path, steps: usize) {
     let mut trainer = Trainer::new(TrainSettings::tiny(), &Device::Cpu).unwrap();
-    for i in 0..steps {
-        trainer.train_step(i).unwrap();
+    for _ in 0..steps {
+        trainer.train_step().unwrap();
     }
     trainer.save(folder, "test").unwrap();
 }
@@ -38,7 +40,7 @@ fn mean(values: &[f32]) -> f32 {
 /// into `folder`.
 fn train_until_the_loss_falls(settings: TrainSettings, folder: &Path) {
     let mut trainer = Trainer::new(settings, &Device::Cpu).unwrap();
-    let losses: Vec<f32> = (0..120).map(|i| trainer.train_step(i).unwrap()).collect();
+    let losses: Vec<f32> = (0..120).map(|_| trainer.train_step().unwrap()).collect();
     let (first, last) = (mean(&losses[..20]), mean(&losses[100..]));
     assert!(last < 0.8 * first, "loss went from {first} to {last}");
     trainer.save(folder, "test").unwrap();
@@ -66,7 +68,7 @@ fn posterior_mean_targets_lower_the_loss_and_setting_changes_are_recorded() {
     resumed.set_loss_balance(1.0);
     resumed.set_ema_decay(0.9995).unwrap();
     assert!(resumed.set_ema_decay(1.0).is_err());
-    assert!(resumed.train_step(0).unwrap().is_finite());
+    assert!(resumed.train_step().unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
     let config = read_json(&dir.path().join("config.json"));
     let notes = config["training"]["notes"].to_string();
@@ -111,7 +113,7 @@ fn a_channel_weighted_loss_lowers_the_loss_and_is_kept_across_a_resume() {
     let mut resumed = Trainer::resume(dir.path(), &Device::Cpu, Growth::default()).unwrap();
     assert_eq!(resumed.settings().channel_loss_power, 0.5);
     resumed.set_channel_loss_power(1.0).unwrap();
-    assert!(resumed.train_step(0).unwrap().is_finite());
+    assert!(resumed.train_step().unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
     let notes = read_json(&dir.path().join("config.json"))["training"]["notes"].to_string();
     assert!(
@@ -135,11 +137,30 @@ fn training_resumes_where_it_stopped() {
     let checkpoint =
         candle_core::safetensors::load(dir.path().join(CHECKPOINT_FILE), &Device::Cpu).unwrap();
     assert!(checkpoint.keys().all(|name| !name.starts_with("ema.")));
-    resumed.train_step(0).unwrap();
+    resumed.train_step().unwrap();
     assert_eq!(resumed.step_count(), 4);
     let config = read_json(&dir.path().join("config.json"));
     assert_eq!(config["training"]["steps"], 3);
     assert_eq!(config["training"]["command"], "test");
+}
+
+#[test]
+fn a_resumed_run_trains_the_same_weights_as_one_never_stopped() {
+    let (whole, halves) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train_tiny(whole.path(), 4);
+    train_tiny(halves.path(), 2);
+    let mut resumed = Trainer::resume(halves.path(), &Device::Cpu, Growth::default()).unwrap();
+    for _ in 0..2 {
+        resumed.train_step().unwrap();
+    }
+    resumed.save(halves.path(), "test").unwrap();
+    for file in [CHECKPOINT_FILE, WEIGHTS_FILE, OPTIMIZER_FILE] {
+        let read = |folder: &Path| std::fs::read(folder.join(file)).unwrap();
+        assert!(
+            read(whole.path()) == read(halves.path()),
+            "{file} differs after a stop and resume"
+        );
+    }
 }
 
 #[test]
@@ -153,7 +174,7 @@ fn a_preset_moves_a_resumed_run_and_grows_its_network() {
     preset.network.conv_head_features = true;
     let mut resumed = Trainer::resume_toward(dir.path(), &Device::Cpu, Some(&preset)).unwrap();
     assert_eq!(resumed.settings(), &preset);
-    resumed.train_step(0).unwrap();
+    resumed.train_step().unwrap();
     resumed.save(dir.path(), "test").unwrap();
     let notes = read_json(&dir.path().join("config.json"))["training"]["notes"].clone();
     for change in [
@@ -218,8 +239,8 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
     let mut settings = TrainSettings::tiny();
     settings.network.conv_head = 0;
     let mut trainer = Trainer::new(settings, &Device::Cpu).unwrap();
-    for i in 0..3 {
-        trainer.train_step(i).unwrap();
+    for _ in 0..3 {
+        trainer.train_step().unwrap();
     }
     trainer.save(dir.path(), "test").unwrap();
     let resume = |growth: Growth| Trainer::resume(dir.path(), &Device::Cpu, growth);
@@ -234,7 +255,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
         "the added head changed the output by {change}"
     );
     assert_eq!(resumed.settings().network.conv_head, 4);
-    assert!(resumed.train_step(0).unwrap().is_finite());
+    assert!(resumed.train_step().unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
     let scales = Growth {
@@ -247,7 +268,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
         "the added scales changed the output by {change}"
     );
     assert_eq!(resumed.settings().network.conv_head_scales, 3);
-    let first = resumed.train_step(0).unwrap();
+    let first = resumed.train_step().unwrap();
     assert!(first.is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
@@ -261,7 +282,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
         "the added head blocks changed the output by {change}"
     );
     assert_eq!(resumed.settings().network.conv_head_blocks, 4);
-    assert!(resumed.train_step(0).unwrap().is_finite());
+    assert!(resumed.train_step().unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
     let features = Growth {
@@ -274,7 +295,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
         "the DiT's features given to the head changed the output by {change}"
     );
     assert!(resumed.settings().network.conv_head_features);
-    assert!(resumed.train_step(0).unwrap().is_finite());
+    assert!(resumed.train_step().unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
     let depth = resumed.settings().network.depth;
@@ -288,7 +309,7 @@ fn parts_added_to_a_run_start_as_the_identity_and_train() {
         "the added blocks changed the output by {change}"
     );
     assert_eq!(resumed.settings().network.depth, depth + 2);
-    assert!(resumed.train_step(0).unwrap().is_finite());
+    assert!(resumed.train_step().unwrap().is_finite());
     resumed.save(dir.path(), "test").unwrap();
 
     let config = read_json(&dir.path().join("config.json"));
@@ -538,7 +559,7 @@ fn a_whitened_run_keeps_its_latent_space_when_saved_loaded_and_resumed() {
     let mut settings = TrainSettings::tiny();
     settings.latent_whitening = 1.0;
     let mut trainer = Trainer::new(settings, &Device::Cpu).unwrap();
-    assert!(trainer.train_step(0).unwrap().is_finite());
+    assert!(trainer.train_step().unwrap().is_finite());
     trainer.save(dir.path(), "test").unwrap();
     let config_path = dir.path().join("config.json");
     let read_config = || read_json(&config_path);

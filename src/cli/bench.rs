@@ -279,11 +279,9 @@ fn run(args: &BenchArgs, workflow: &Workflow) -> anyhow::Result<()> {
     let settings = TrainSettings::default_model();
     let batch = settings.batch;
     let mut trainer = Trainer::new(settings, &Device::Cpu)?;
-    trainer.train_step(0)?;
-    let mut steps = 1;
+    trainer.train_step()?;
     let seconds = median_seconds(args.repeats, || {
-        trainer.train_step(steps)?;
-        steps += 1;
+        trainer.train_step()?;
         Ok(())
     })?;
     println!();

@@ -81,7 +81,7 @@ fn run(trainer: &mut Trainer, args: &TrainArgs, command: &str) -> anyhow::Result
     let (mut block_sum, mut block_count, mut smoothed) = (0.0f32, 0usize, None::<f32>);
     let mut session_steps = 0;
     while trainer.step_count() < args.steps && session.has_time() {
-        let loss = trainer.train_step(session_steps)?;
+        let loss = trainer.train_step()?;
         anyhow::ensure!(
             loss.is_finite(),
             "the loss diverged at step {}",

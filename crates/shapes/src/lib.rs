@@ -3,7 +3,7 @@
 //!
 //! Modules from the bottom up: [`dataset`] (the procedural pictures and their captions),
 //! [`analyse`] (reads a picture back into a caption, to judge adherence), [`layers`],
-//! [`network`] and [`autoencoder`] (the networks), [`tokenizer`], [`config`] (a model
+//! [`network`] and [`autoencoder`] (the networks), [`tokenizer`], [`config`], [`optimizer`] (a model
 //! folder's `config.json`), [`classifier`] (the caption classifier for classifier guidance),
 //! [`model`] (the loaded model, a [`flowline_engine::model::FlowModel`]), [`exemplar`] (the
 //! exact velocity of exemplar pictures, a reference that needs no weights), [`train`] and
@@ -19,6 +19,7 @@ pub mod exemplar;
 pub mod layers;
 pub mod model;
 pub mod network;
+pub mod optimizer;
 pub mod tokenizer;
 pub mod train;
 

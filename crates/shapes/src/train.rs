@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{ParamsAdamW, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,7 @@ use crate::config::{
 };
 use crate::dataset::{Caption, Scene, Shape, is_held_out, sample};
 use crate::network::{COARSE_SCALE_NAME, NetworkConfig, Networks};
+use crate::optimizer::Adam;
 use crate::tokenizer::Tokenizer;
 use flowline_engine::files::{write_atomic, write_atomic_with};
 use flowline_engine::flow::noise::{gaussian, gaussian_values};
@@ -40,6 +41,9 @@ use flowline_engine::model::{LatentPreview, tensor_from_image};
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const CHECKPOINT_STATE: &str = "checkpoint.json";
+/// The optimizer's moments, beside the checkpoint: with them a resumed run goes on exactly as
+/// it would have without the stop (a run without them warms its learning rate up again).
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Prefix of the optimised weights' names in a checkpoint.
 const RAW_PREFIX: &str = "raw.";
 /// Prefix of the averaged weights' names in a run's tensors once read (see [`Trainer::resume`]).
@@ -318,6 +322,10 @@ struct CheckpointState {
     /// The running mean loss at each noise level (older runs: none yet).
     #[serde(default)]
     loss_by_sigma: LossBalance,
+    /// Updates the optimizer has made with the moments in [`OPTIMIZER_FILE`] (older runs and
+    /// folders without that file: 0).
+    #[serde(default)]
+    optimizer_steps: usize,
 }
 
 /// A training run in progress.
@@ -326,7 +334,7 @@ pub struct Trainer {
     tokenizer: Tokenizer,
     varmap: VarMap,
     networks: Networks,
-    optimizer: AdamW,
+    optimizer: Adam,
     ema: HashMap<String, Tensor>,
     autoencoder: PatchAutoencoder,
     preview: LatentPreview,
@@ -531,8 +539,9 @@ impl Trainer {
             next_index: 0,
             notes: Vec::new(),
             loss_by_sigma: LossBalance::default(),
+            optimizer_steps: 0,
         };
-        Self::assemble(state, autoencoder, None, Some(&fit_images), device)
+        Self::assemble(state, autoencoder, None, None, Some(&fit_images), device)
     }
 
     /// Continues the run checkpointed in `folder`, first adding to its network whatever
@@ -546,6 +555,12 @@ impl Trainer {
         let tensors_path = folder.join(CHECKPOINT_FILE);
         let mut tensors = candle_core::safetensors::load(&tensors_path, device)
             .with_context(|| format!("cannot read {}", tensors_path.display()))?;
+        let optimizer_path = folder.join(OPTIMIZER_FILE);
+        let optimizer_state = optimizer_path
+            .exists()
+            .then(|| candle_core::safetensors::load(&optimizer_path, device))
+            .transpose()
+            .with_context(|| format!("cannot read {}", optimizer_path.display()))?;
         if !tensors.keys().any(|name| name.starts_with(AVERAGED_PREFIX)) {
             let model_path = folder.join(WEIGHTS_FILE);
             let averaged = candle_core::safetensors::load(&model_path, device)
@@ -568,8 +583,14 @@ impl Trainer {
             &state.autoencoder,
         );
         let new_network = state.settings.network.clone();
-        let mut trainer =
-            Self::assemble(state, autoencoder, Some((&tensors, &added)), None, device)?;
+        let mut trainer = Self::assemble(
+            state,
+            autoencoder,
+            Some((&tensors, &added)),
+            optimizer_state.as_ref(),
+            None,
+            device,
+        )?;
         trainer.note_change("conv_head", old_network.conv_head, new_network.conv_head);
         trainer.note_change(
             "conv_head_scales",
@@ -598,6 +619,7 @@ impl Trainer {
         state: CheckpointState,
         autoencoder: PatchAutoencoder,
         checkpoint: Option<(&HashMap<String, Tensor>, &[String])>,
+        optimizer_state: Option<&HashMap<String, Tensor>>,
         fit_images: Option<&Tensor>,
         device: &Device,
     ) -> anyhow::Result<Self> {
@@ -636,14 +658,24 @@ impl Trainer {
         }
         let channel_weights =
             ChannelWeights::for_settings(&settings, &autoencoder, fit_images, device)?;
-        let optimizer = AdamW::new(
-            varmap.all_vars(),
+        let named_vars = varmap
+            .data()
+            .lock()
+            .expect("the var map is not poisoned")
+            .iter()
+            .map(|(name, var)| (name.clone(), var.clone()))
+            .collect();
+        let mut optimizer = Adam::new(
+            named_vars,
             ParamsAdamW {
                 lr: settings.learning_rate,
                 weight_decay: 0.0,
                 ..ParamsAdamW::default()
             },
         )?;
+        if let Some(saved) = optimizer_state {
+            optimizer.restore(state.optimizer_steps, saved)?;
+        }
         Ok(Trainer {
             tokenizer: Tokenizer::for_shapes(settings.network.max_tokens),
             settings,
@@ -820,7 +852,7 @@ impl Trainer {
     }
 
     /// One optimisation step on a fresh batch; returns its loss.
-    pub fn train_step(&mut self, steps_since_start: usize) -> anyhow::Result<f32> {
+    pub fn train_step(&mut self) -> anyhow::Result<f32> {
         let started = Instant::now();
         let mut rng = ChaCha8Rng::seed_from_u64(self.settings.seed);
         rng.set_stream(self.step as u64);
@@ -850,7 +882,9 @@ impl Trainer {
             }
         };
 
-        let warmup = (steps_since_start + 1) as f64 / settings.warmup_steps.max(1) as f64;
+        // Warm up while the optimizer's moments are young: from a run's start, or from a resume
+        // without its saved moments.
+        let warmup = (self.optimizer.steps() + 1) as f64 / settings.warmup_steps.max(1) as f64;
         self.optimizer
             .set_learning_rate(settings.learning_rate * warmup.min(1.0));
         let predicted = self.networks.velocity(&noisy, &sigma, &ids)?;
@@ -980,6 +1014,7 @@ impl Trainer {
             checkpoint.insert(format!("{RAW_PREFIX}{name}"), var.as_detached_tensor());
         }
         save_safetensors(&checkpoint, &folder.join(CHECKPOINT_FILE))?;
+        save_safetensors(&self.optimizer.state(), &folder.join(OPTIMIZER_FILE))?;
         let autoencoder = self.autoencoder.config();
         let preview = PreviewConfig {
             matrix: self.preview.matrix.clone(),
@@ -995,6 +1030,7 @@ impl Trainer {
             next_index: self.next_index,
             notes: self.notes.clone(),
             loss_by_sigma: self.loss_by_sigma.clone(),
+            optimizer_steps: self.optimizer.steps(),
         };
         write_atomic(
             &folder.join(CHECKPOINT_STATE),
