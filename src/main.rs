@@ -56,6 +56,9 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Trains the embedded shapes model.
     Train(cli::train::TrainArgs),
+    /// Straightens the shapes model's paths for few steps: trains a copy on the teacher's own
+    /// (noise, picture) couplings (2-rectified flow).
+    Reflow(cli::reflow::ReflowArgs),
     /// Trains a shapes model's caption classifier, for classifier guidance.
     TrainClassifier(cli::train_classifier::TrainClassifierArgs),
     /// Lists models found in the Hugging Face cache and a ComfyUI-style models folder.
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Some(Command::Bench(args)) => cli::bench::bench(args),
         Some(Command::Dataset(args)) => cli::dataset::dataset(args),
         Some(Command::Train(args)) => cli::train::train(args),
+        Some(Command::Reflow(args)) => cli::reflow::reflow(args),
         Some(Command::TrainClassifier(args)) => cli::train_classifier::train_classifier(args),
         Some(Command::Eval(args)) => cli::eval::eval(args),
         Some(Command::Open { file }) => flowline_app::launch(Some(file)),

@@ -542,3 +542,61 @@ fn a_caption_classifier_trains_in_a_model_folder_resumes_and_guides_its_runs() {
     ]);
     assert_bad_input(&refused, "needs a caption classifier beside the model");
 }
+
+#[test]
+fn reflow_copies_its_teacher_generates_couplings_then_trains_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher");
+    let teacher = teacher.to_str().unwrap();
+    let output = flowline(&[
+        "train",
+        "--out",
+        teacher,
+        "--preset",
+        TINY_PRESET,
+        "--steps",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run = dir.path().join("run");
+    let reflow = |couplings: &str, steps: &str| {
+        flowline(&[
+            "reflow",
+            "--out",
+            run.to_str().unwrap(),
+            "--teacher",
+            teacher,
+            "--guide",
+            teacher,
+            "--couplings",
+            couplings,
+            "--batch",
+            "2",
+            "--steps",
+            steps,
+        ])
+    };
+    let output = reflow("4", "4");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(stdout.contains("reflow trained steps 2 to 4"), "{stdout}");
+    let prompts: Vec<String> =
+        serde_json::from_slice(&std::fs::read(run.join("couplings.json")).unwrap()).unwrap();
+    assert_eq!(prompts.len(), 4);
+    let history = std::fs::read_to_string(run.join("HISTORY.md")).unwrap();
+    assert!(
+        history.contains("reflow on 4 couplings: steps 2 to 4"),
+        "{history}"
+    );
+    // A second session adds couplings, then trains on from where the first stopped.
+    let output = reflow("6", "5");
+    assert!(output.status.success(), "{}", stderr(&output));
+    let prompts: Vec<String> =
+        serde_json::from_slice(&std::fs::read(run.join("couplings.json")).unwrap()).unwrap();
+    assert_eq!(prompts.len(), 6);
+    let history = std::fs::read_to_string(run.join("HISTORY.md")).unwrap();
+    assert!(
+        history.contains("reflow on 6 couplings: steps 4 to 5"),
+        "{history}"
+    );
+}

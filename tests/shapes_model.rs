@@ -4,16 +4,19 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use flowline_engine::executor::{Event, Executor, RunFailure};
+use flowline_engine::flow::noise::gaussian;
 use flowline_engine::model::{FlowModel, image_from_tensor};
 use flowline_engine::nodes::context::RunEnv;
 use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
 use flowline_shapes::config::WEIGHTS_FILE;
-use flowline_shapes::dataset::GRAMMAR;
+use flowline_shapes::dataset::{GRAMMAR, is_held_out};
 use flowline_shapes::model::ShapesModel;
+use flowline_shapes::reflow::{coupling_cases, generate};
 use flowline_shapes::train::{
     CHECKPOINT_FILE, Growth, OPTIMIZER_FILE, TimeSampling, TrainSettings, Trainer,
 };
@@ -158,6 +161,77 @@ fn a_resumed_run_trains_the_same_weights_as_one_never_stopped() {
         let read = |folder: &Path| std::fs::read(folder.join(file)).unwrap();
         assert!(
             read(whole.path()) == read(halves.path()),
+            "{file} differs after a stop and resume"
+        );
+    }
+}
+
+/// A copy of the run in `from`, as `flowline reflow` starts one from its teacher.
+fn copy_run(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, to.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_reflow_run_trains_on_the_teachers_couplings_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher_dir = dir.path().join("teacher");
+    train_tiny(&teacher_dir, 2);
+    let teacher: Arc<dyn FlowModel> =
+        Arc::new(ShapesModel::load(&teacher_dir, &Device::Cpu).unwrap());
+    let cases = coupling_cases(0, 6);
+    assert!(cases.iter().all(|case| !is_held_out(&case.caption)));
+    let couplings = generate(&teacher, &teacher, &cases, 3).unwrap();
+    assert_eq!(couplings.len(), 6);
+    let expected_noise = gaussian(
+        cases[4].seed,
+        couplings.noise.dims()[1..].to_vec(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        couplings
+            .noise
+            .narrow(0, 4, 1)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec3::<f32>()
+            .unwrap(),
+        expected_noise.to_vec3::<f32>().unwrap()
+    );
+    assert_eq!(couplings.prompts[4], cases[4].caption.text());
+
+    let (whole, halves) = (dir.path().join("whole"), dir.path().join("halves"));
+    for run in [&whole, &halves] {
+        copy_run(&teacher_dir, run);
+        couplings.write(run).unwrap();
+    }
+    let mut trainer = Trainer::resume(&whole, &Device::Cpu, Growth::default()).unwrap();
+    trainer.set_couplings(couplings.clone()).unwrap();
+    for _ in 0..4 {
+        assert!(trainer.train_step().unwrap().is_finite());
+    }
+    trainer.save(&whole, "test").unwrap();
+    let mut trainer = Trainer::resume(&halves, &Device::Cpu, Growth::default()).unwrap();
+    trainer.set_couplings(couplings).unwrap();
+    for _ in 0..2 {
+        trainer.train_step().unwrap();
+    }
+    trainer.save(&halves, "test").unwrap();
+    // The couplings come back from the run's folder.
+    let mut resumed = Trainer::resume(&halves, &Device::Cpu, Growth::default()).unwrap();
+    for _ in 0..2 {
+        resumed.train_step().unwrap();
+    }
+    resumed.save(&halves, "test").unwrap();
+    for file in [CHECKPOINT_FILE, WEIGHTS_FILE, OPTIMIZER_FILE] {
+        let read = |folder: &Path| std::fs::read(folder.join(file)).unwrap();
+        assert!(
+            read(&whole) == read(&halves),
             "{file} differs after a stop and resume"
         );
     }
@@ -636,4 +710,69 @@ fn prompts_evaluated_as_one_batch_give_each_prompts_own_velocity() {
         .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
         .unwrap();
     assert!(apart > 1e-4, "the two prompts gave the same velocity");
+}
+
+/// Reflow's teacher runs as the default workflow does: its guidance and sampling settings are
+/// the default workflow's (stored there, or the nodes' defaults).
+#[test]
+fn the_reflow_teacher_samples_as_the_default_workflow_does() {
+    use flowline_engine::graph::ParamValue;
+    use flowline_shapes::reflow::{
+        TEACHER_AUTOGUIDE_SCALE, TEACHER_GUIDANCE, TEACHER_SHIFT, TEACHER_STEPS,
+    };
+    flowline::install_model_families();
+    let workflow = Workflow::from_json(DEFAULT_WORKFLOW, "default").unwrap();
+    let value = |node: &str, param: &str| {
+        let stored = workflow
+            .graph
+            .node(node)
+            .unwrap()
+            .params
+            .get(param)
+            .cloned();
+        let type_name = &workflow.graph.node(node).unwrap().type_name;
+        let spec = &flowline_engine::nodes::find(type_name).unwrap().spec;
+        stored.unwrap_or_else(|| spec.param(param).unwrap().default.clone())
+    };
+    let number = |node: &str, param: &str| match value(node, param) {
+        ParamValue::Float(x) => x,
+        ParamValue::Int(n) => n as f64,
+        other => panic!("{node}.{param} is {other}"),
+    };
+    let guidance = TEACHER_GUIDANCE;
+    assert_eq!(number("cfg", "scale"), guidance.scale);
+    assert_eq!(
+        value("cfg", "method"),
+        ParamValue::Text(guidance.method.name().into())
+    );
+    assert_eq!(
+        number("cfg", "rescale_multiplier"),
+        guidance.rescale_multiplier
+    );
+    assert_eq!(
+        number("cfg", "apg_parallel_scale"),
+        guidance.apg_parallel_scale
+    );
+    assert_eq!(
+        number("cfg", "apg_norm_threshold"),
+        guidance.apg_norm_threshold
+    );
+    assert_eq!(
+        (
+            number("cfg", "interval_low"),
+            number("cfg", "interval_high")
+        ),
+        guidance.interval
+    );
+    assert_eq!(number("cfg", "autoguide_scale"), TEACHER_AUTOGUIDE_SCALE);
+    assert_eq!(number("sampler", "steps"), TEACHER_STEPS as f64);
+    assert_eq!(
+        value("sampler", "sampler"),
+        ParamValue::Text("euler".into())
+    );
+    assert_eq!(
+        value("sampler", "scheduler"),
+        ParamValue::Text("shifted".into())
+    );
+    assert_eq!(number("sampler", "shift"), TEACHER_SHIFT);
 }

@@ -5,6 +5,7 @@ pub mod dataset;
 pub mod eval;
 pub mod import;
 pub mod models;
+pub mod reflow;
 pub mod run;
 pub mod train;
 pub mod train_classifier;

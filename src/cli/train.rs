@@ -1,7 +1,7 @@
 //! `flowline train`: trains the shapes model on the CPU with a progress bar, checkpointing as
 //! it goes so a run can stop at any time and resume.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
@@ -57,7 +57,13 @@ pub fn train(args: TrainArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
     };
-    match run(&mut trainer, &args, &command) {
+    let session = TrainingSession::new(
+        args.minutes,
+        args.save_every,
+        args.steps,
+        trainer.step_count(),
+    );
+    match train_session(&mut trainer, session, &args.out, args.steps, &command) {
         Ok(()) => {
             println!(
                 "trained {} steps in {:.0} s; model written to {}",
@@ -71,16 +77,18 @@ pub fn train(args: TrainArgs) -> ExitCode {
     }
 }
 
-fn run(trainer: &mut Trainer, args: &TrainArgs, command: &str) -> anyhow::Result<()> {
-    let mut session = TrainingSession::new(
-        args.minutes,
-        args.save_every,
-        args.steps,
-        trainer.step_count(),
-    );
+/// Trains until `steps` are done in all or `session` runs out of time, saving into `out` as
+/// the session says and at the end, with the progress bar showing the smoothed loss.
+pub fn train_session(
+    trainer: &mut Trainer,
+    mut session: TrainingSession,
+    out: &Path,
+    steps: usize,
+    command: &str,
+) -> anyhow::Result<()> {
     let (mut block_sum, mut block_count, mut smoothed) = (0.0f32, 0usize, None::<f32>);
     let mut session_steps = 0;
-    while trainer.step_count() < args.steps && session.has_time() {
+    while trainer.step_count() < steps && session.has_time() {
         let loss = trainer.train_step()?;
         anyhow::ensure!(
             loss.is_finite(),
@@ -102,9 +110,9 @@ fn run(trainer: &mut Trainer, args: &TrainArgs, command: &str) -> anyhow::Result
             .progress
             .set_message(format!("loss {s:.4}, {rate:.2} steps/s"));
         if session.save_is_due() {
-            trainer.save(&args.out, command)?;
+            trainer.save(out, command)?;
         }
     }
     session.progress.finish_and_clear();
-    trainer.save(&args.out, command)
+    trainer.save(out, command)
 }

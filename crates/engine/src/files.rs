@@ -39,6 +39,16 @@ pub fn write_atomic_with(
     Ok(())
 }
 
+/// Writes `tensors` to `path` as safetensors, atomically.
+pub fn save_safetensors(
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    write_atomic_with(path, |temporary| {
+        Ok(candle_core::safetensors::save(tensors, temporary)?)
+    })
+}
+
 /// Read-write for the owner and readable by others, as files a program creates usually are
 /// (temporary files start private).
 fn usual_permissions(file: &fs::File) -> std::io::Result<fs::Permissions> {

@@ -209,6 +209,11 @@ impl<'a> Generator<'a> {
         })
     }
 
+    /// The `[1, C, h, w]` latent each case starts from, in case order.
+    pub fn starts(&self) -> &[Tensor] {
+        &self.starts
+    }
+
     /// Every case's final `[1, C, h, w]` latent, in case order, and the paths' mean
     /// straightness.
     pub fn latents(

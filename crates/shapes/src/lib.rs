@@ -3,11 +3,11 @@
 //!
 //! Modules from the bottom up: [`dataset`] (the procedural pictures and their captions),
 //! [`analyse`] (reads a picture back into a caption, to judge adherence), [`layers`],
-//! [`network`] and [`autoencoder`] (the networks), [`tokenizer`], [`config`], [`optimizer`] (a model
-//! folder's `config.json`), [`classifier`] (the caption classifier for classifier guidance),
+//! [`network`] and [`autoencoder`] (the networks), [`tokenizer`], [`config`] (a model
+//! folder's `config.json`), [`optimizer`] (AdamW with a saved state), [`classifier`] (the caption classifier for classifier guidance),
 //! [`model`] (the loaded model, a [`flowline_engine::model::FlowModel`]), [`exemplar`] (the
-//! exact velocity of exemplar pictures, a reference that needs no weights), [`train`] and
-//! [`eval`] (held-out prompt adherence).
+//! exact velocity of exemplar pictures, a reference that needs no weights), [`train`],
+//! [`eval`] (held-out prompt adherence) and [`reflow`] (straighter paths for few steps).
 
 pub mod analyse;
 pub mod autoencoder;
@@ -20,6 +20,7 @@ pub mod layers;
 pub mod model;
 pub mod network;
 pub mod optimizer;
+pub mod reflow;
 pub mod tokenizer;
 pub mod train;
 

@@ -32,8 +32,9 @@ use crate::config::{
 use crate::dataset::{Caption, Scene, Shape, is_held_out, sample};
 use crate::network::{COARSE_SCALE_NAME, NetworkConfig, Networks};
 use crate::optimizer::Adam;
+use crate::reflow::Couplings;
 use crate::tokenizer::Tokenizer;
-use flowline_engine::files::{write_atomic, write_atomic_with};
+use flowline_engine::files::{save_safetensors, write_atomic};
 use flowline_engine::flow::noise::{gaussian, gaussian_values};
 use flowline_engine::flow::posterior;
 use flowline_engine::flow::schedule::Scheduler;
@@ -326,6 +327,9 @@ struct CheckpointState {
     /// folders without that file: 0).
     #[serde(default)]
     optimizer_steps: usize,
+    /// The reflow couplings the run trained on when saved (0: the data set's pictures).
+    #[serde(default)]
+    couplings: usize,
 }
 
 /// A training run in progress.
@@ -346,6 +350,8 @@ pub struct Trainer {
     loss_by_sigma: LossBalance,
     /// `[1, C, 1, 1]` weights of the latent channels' squared errors; none at power 0.
     channel_weights: Option<Tensor>,
+    /// A reflow run's teacher couplings, trained on instead of the data set's pictures.
+    couplings: Option<Couplings>,
     device: Device,
 }
 
@@ -540,6 +546,7 @@ impl Trainer {
             notes: Vec::new(),
             loss_by_sigma: LossBalance::default(),
             optimizer_steps: 0,
+            couplings: 0,
         };
         Self::assemble(state, autoencoder, None, None, Some(&fit_images), device)
     }
@@ -583,6 +590,8 @@ impl Trainer {
             &state.autoencoder,
         );
         let new_network = state.settings.network.clone();
+        let couplings = Couplings::read(folder, device)?;
+        let couplings_trained = state.couplings;
         let mut trainer = Self::assemble(
             state,
             autoencoder,
@@ -608,6 +617,10 @@ impl Trainer {
             new_network.conv_head_features,
         );
         trainer.note_change("depth", old_network.depth, new_network.depth);
+        if let Some(couplings) = couplings {
+            trainer.note_change("couplings", couplings_trained, couplings.len());
+            trainer.couplings = Some(couplings);
+        }
         Ok(trainer)
     }
 
@@ -695,6 +708,7 @@ impl Trainer {
             notes: state.notes,
             loss_by_sigma: state.loss_by_sigma,
             channel_weights,
+            couplings: None,
             device: device.clone(),
         })
     }
@@ -851,24 +865,51 @@ impl Trainer {
         }
     }
 
+    /// Trains on `couplings` from now on (a reflow run: each noise to the teacher's own picture
+    /// of it) instead of the data set's pictures, noting it in the run's record.
+    pub fn set_couplings(&mut self, couplings: Couplings) -> anyhow::Result<()> {
+        anyhow::ensure!(!couplings.is_empty(), "there are no couplings to train on");
+        let before = self.couplings.as_ref().map_or(0, Couplings::len);
+        self.note_change("couplings", before, couplings.len());
+        self.couplings = Some(couplings);
+        Ok(())
+    }
+
     /// One optimisation step on a fresh batch; returns its loss.
     pub fn train_step(&mut self) -> anyhow::Result<f32> {
         let started = Instant::now();
         let mut rng = ChaCha8Rng::seed_from_u64(self.settings.seed);
         rng.set_stream(self.step as u64);
-        let (images, captions) = self.draw_batch(&mut rng)?;
+        let batch = self.settings.batch;
+        anyhow::ensure!(
+            self.couplings.is_none() || self.settings.posterior_references == 0,
+            "a reflow run trains each noise towards the teacher's own picture of it, which \
+             posterior references would replace; use a preset with posterior_references = 0"
+        );
+        let (clean, noise, texts, captions, noise_seed) = match &self.couplings {
+            Some(couplings) => {
+                let indices: Vec<u32> = (0..batch)
+                    .map(|_| rng.random_range(0..couplings.len() as u32))
+                    .collect();
+                let (noise, clean, texts) = couplings.batch(&indices)?;
+                (clean, noise, texts, Vec::new(), rng.random::<u64>())
+            }
+            None => {
+                let (images, captions) = self.draw_batch(&mut rng)?;
+                let clean = self
+                    .autoencoder
+                    .encode(&Tensor::stack(&images, 0)?.to_device(&self.device)?)?;
+                let texts: Vec<String> = captions
+                    .iter()
+                    .map(|c| c.as_ref().map(Caption::text).unwrap_or_default())
+                    .collect();
+                let noise_seed = rng.random::<u64>();
+                let noise = gaussian(noise_seed, clean.shape(), &self.device)?;
+                (clean, noise, texts, captions, noise_seed)
+            }
+        };
         let settings = &self.settings;
-        let batch = settings.batch;
-        let clean = self
-            .autoencoder
-            .encode(&Tensor::stack(&images, 0)?.to_device(&self.device)?)?;
-        let texts: Vec<String> = captions
-            .iter()
-            .map(|c| c.as_ref().map(Caption::text).unwrap_or_default())
-            .collect();
         let ids = self.tokenizer.batch(&texts, &self.device)?;
-        let noise_seed = rng.random::<u64>();
-        let noise = gaussian(noise_seed, clean.shape(), &self.device)?;
         let sigmas = draw_sigmas(settings, noise_seed, batch, &mut rng);
         let sigma = Tensor::from_slice(&sigmas, batch, &self.device)?;
         let sigma_4d = sigma.reshape((batch, 1, 1, 1))?;
@@ -981,6 +1022,11 @@ impl Trainer {
         Ok(latents.reshape((captions.len(), count, ()))?)
     }
 
+    /// The mean loss of each block of steps so far, by the step ending it.
+    pub fn loss_history(&self) -> &[(usize, f32)] {
+        &self.loss_history
+    }
+
     /// Records a block's mean loss in the history kept with the checkpoint.
     pub fn record_loss(&mut self, mean_loss: f32) {
         self.loss_history.push((self.step, mean_loss));
@@ -1031,6 +1077,7 @@ impl Trainer {
             notes: self.notes.clone(),
             loss_by_sigma: self.loss_by_sigma.clone(),
             optimizer_steps: self.optimizer.steps(),
+            couplings: self.couplings.as_ref().map_or(0, Couplings::len),
         };
         write_atomic(
             &folder.join(CHECKPOINT_STATE),
@@ -1276,15 +1323,6 @@ fn posterior_target(
 }
 
 /// Writes safetensors atomically.
-pub(super) fn save_safetensors(
-    tensors: &HashMap<String, Tensor>,
-    path: &Path,
-) -> anyhow::Result<()> {
-    write_atomic_with(path, |temporary| {
-        Ok(candle_core::safetensors::save(tensors, temporary)?)
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
