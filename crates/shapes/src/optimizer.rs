@@ -83,8 +83,10 @@ impl Adam {
             let step = ((&first * scale_first)? / ((&second * scale_second)?.sqrt()? + eps)?)?;
             let decayed = (moments.var.as_tensor() * (1.0 - lr * weight_decay))?;
             moments.var.set(&(decayed - (step * lr)?)?)?;
-            moments.first = first;
-            moments.second = second;
+            // Detached: a moment computed from a gradient would otherwise keep the step's whole
+            // graph alive, and each step's the one before it.
+            moments.first = first.detach();
+            moments.second = second.detach();
         }
         Ok(())
     }
