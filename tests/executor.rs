@@ -523,3 +523,163 @@ fn a_reroute_passes_its_value_on_and_is_cached_like_any_node() {
         "{served:?}"
     );
 }
+
+/// Where `picture`, enlarged `zoom` times, lies whole inside `sheet`.
+fn places_of(sheet: &image::RgbImage, picture: &image::RgbImage, zoom: u32) -> Vec<(u32, u32)> {
+    let (w, h) = (picture.width() * zoom, picture.height() * zoom);
+    let mut places = Vec::new();
+    for top in 0..=sheet.height().saturating_sub(h) {
+        for left in 0..=sheet.width().saturating_sub(w) {
+            let matches = (0..h).all(|y| {
+                (0..w).all(|x| {
+                    sheet.get_pixel(left + x, top + y) == picture.get_pixel(x / zoom, y / zoom)
+                })
+            });
+            if matches {
+                places.push((left, top));
+            }
+        }
+    }
+    places
+}
+
+#[test]
+fn a_step_sweep_lays_out_the_pictures_the_sampler_draws_with_each_step_count() {
+    use flowline_engine::graph::{Endpoint, Link, Node};
+
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let mut pictures = Vec::new();
+    for steps in [1, 3] {
+        let mut workflow = default_workflow();
+        workflow
+            .apply_assignment(&format!("sampler.steps={steps}"))
+            .unwrap();
+        let run = executor.run(workflow.graph, env(&dir));
+        pictures.push(saved_image(&events_of(&executor, run)));
+    }
+
+    // The same graph with a sweep in place of Sampler → Decode, both rows on the same guider.
+    let mut graph = default_workflow().graph;
+    graph
+        .links
+        .retain(|l| !matches!(l.to.node.as_str(), "sampler" | "decode" | "save"));
+    graph
+        .nodes
+        .retain(|n| !matches!(n.id.as_str(), "sampler" | "decode"));
+    graph.nodes.push(Node {
+        id: "sweep".into(),
+        type_name: "step_sweep".into(),
+        position: [0.0, 0.0],
+        params: [
+            ("steps".to_string(), ParamValue::Text("1, 3".into())),
+            ("label_b".to_string(), ParamValue::Text("again".into())),
+        ]
+        .into(),
+    });
+    let link = |from: (&str, &str), to: (&str, &str)| Link {
+        from: Endpoint {
+            node: from.0.into(),
+            port: from.1.into(),
+        },
+        to: Endpoint {
+            node: to.0.into(),
+            port: to.1.into(),
+        },
+    };
+    graph.links.extend([
+        link(("cfg", "guider"), ("sweep", "guider")),
+        link(("cfg", "guider"), ("sweep", "guider_b")),
+        link(("start", "latent"), ("sweep", "latent")),
+        link(("sweep", "image"), ("save", "image")),
+    ]);
+    let run = executor.run(graph, env(&dir));
+    let events = events_of(&executor, run);
+    assert!(
+        matches!(events.last(), Some(Event::RunFinished { .. })),
+        "{events:?}"
+    );
+    let sheet = saved_image(&events);
+    // 64² pictures are drawn at 128²: each step count's picture once per row, in its column.
+    let one = places_of(&sheet, &pictures[0], 2);
+    let three = places_of(&sheet, &pictures[1], 2);
+    assert_eq!(one.len(), 2, "the 1-step picture at {one:?}");
+    assert_eq!(three.len(), 2, "the 3-step picture at {three:?}");
+    assert_eq!(one[0].0, one[1].0, "one column");
+    assert!(
+        three[0].0 > one[0].0 && three[0].1 == one[0].1,
+        "1 step left of 3 steps"
+    );
+    // Every run streamed its steps: 1 + 3 per row.
+    let steps = events
+        .iter()
+        .filter(|e| matches!(e, Event::Step { node, .. } if node == "sweep"))
+        .count();
+    assert_eq!(steps, 8);
+    let captions: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Info { node, message, .. } if node == "sweep" => Some(message.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(captions.len(), 4, "{captions:?}");
+    assert!(captions[0].starts_with("model A, 1 step: straightness 1.000"));
+    assert!(captions[3].starts_with("again, 3 steps: straightness"));
+}
+
+/// The default graph with its Gaussian Start replaced by a Load Latent reading `path`.
+fn starting_from_file(path: &std::path::Path) -> flowline_engine::graph::Graph {
+    let mut graph = default_workflow().graph;
+    let start = graph.nodes.iter_mut().find(|n| n.id == "start").unwrap();
+    start.type_name = "load_latent".into();
+    start.params = [(
+        "path".to_string(),
+        ParamValue::Text(path.display().to_string()),
+    )]
+    .into();
+    graph
+}
+
+#[test]
+fn a_loaded_latent_starts_the_run_as_the_same_noise_drawn_in_place() {
+    use candle_core::{Device, Tensor};
+    use flowline_engine::model::{LoadRequest, family};
+
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let mut executor = Executor::spawn();
+    let run = executor.run(default_workflow().graph, env(&dir));
+    let drawn = saved_image(&events_of(&executor, run));
+
+    // The noise Gaussian Start draws for seed 42, saved as ComfyUI's Save Latent would.
+    let model =
+        (family("exemplar").unwrap().load)(&LoadRequest::new("", &Device::Cpu), &mut |_| {})
+            .unwrap();
+    let shape = model.latent_shape(64, 64).unwrap();
+    let noise = flowline_engine::flow::noise::gaussian(42, shape.clone(), &Device::Cpu).unwrap();
+    let file = dir.path().join("noise.latent");
+    noise.save_safetensors("latent_tensor", &file).unwrap();
+    let run = executor.run(starting_from_file(&file), env(&dir));
+    let events = events_of(&executor, run);
+    assert_eq!(saved_image(&events), drawn);
+
+    // A latent of the wrong layout is refused, naming the file and both channel counts.
+    let wrong = Tensor::zeros(
+        (1, shape[1] + 1, shape[2], shape[3]),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let file = dir.path().join("wrong.latent");
+    wrong.save_safetensors("latent_tensor", &file).unwrap();
+    let run = executor.run(starting_from_file(&file), env(&dir));
+    let message = failed_node_message(&events_of(&executor, run), "start");
+    assert!(
+        message.contains("wrong.latent")
+            && message.contains(&format!("{} channels", shape[1] + 1))
+            && message.contains(&format!("model's have {}", shape[1])),
+        "{message}"
+    );
+}

@@ -29,7 +29,7 @@ pub struct RunArgs {
     /// Folder that relative save paths are resolved against.
     #[arg(long, value_name = "DIR", default_value = ".")]
     out: PathBuf,
-    /// Writes a JSON trace of the run: σ values, straightness, per-step norms.
+    /// Writes a JSON trace of the run: σ values, straightness, per-step norms, each node's time.
     #[arg(long, value_name = "FILE")]
     trace: Option<PathBuf>,
 }
@@ -61,6 +61,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let mut steps = Vec::new();
     let mut samplers = Vec::new();
     let mut images = Vec::new();
+    let mut node_seconds = Vec::new();
     let outcome = loop {
         let Ok(event) = executor.events().recv() else {
             break Err(fail(EXIT_FAILURE, "the executor stopped unexpectedly"));
@@ -73,6 +74,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             Event::NodeCached { node, .. } => progress.println(format!("{node}: from cache")),
             Event::NodeFinished { node, seconds, .. } => {
                 progress.println(format!("{node}: {seconds:.2} s"));
+                node_seconds.push(json!({ "node": node, "seconds": seconds }));
             }
             Event::Warning { node, message, .. } => {
                 tell(&progress, format!("warning: node {node:?}: {message}"));
@@ -132,6 +134,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             "samplers": samplers,
             "steps": steps,
             "images": images,
+            "nodes": node_seconds,
             "seconds": started.elapsed().as_secs_f64(),
         });
         let text = serde_json::to_string_pretty(&trace).expect("a trace serialises");

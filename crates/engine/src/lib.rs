@@ -8,10 +8,11 @@
 //! [`model::install_families`].
 //!
 //! Modules from the bottom up, each using only those before it: [`error`], [`flow`] (the σ
-//! convention and the samplers), [`files`], [`model`], [`graph`] (plain graph data, node
-//! declarations, the values on links), [`nodes`] (one file per node type and the registry),
-//! [`validate`], [`workflow`], [`executor`].
+//! convention and the samplers), [`files`], [`contact_sheet`] (labelled grids of pictures),
+//! [`model`], [`graph`] (plain graph data, node declarations, the values on links), [`nodes`]
+//! (one file per node type and the registry), [`validate`], [`workflow`], [`executor`].
 
+pub mod contact_sheet;
 pub mod error;
 pub mod executor;
 pub mod files;

@@ -140,9 +140,15 @@ impl<'a> NodeContext<'a> {
     }
 
     pub fn guider(&self, name: &str) -> anyhow::Result<Arc<Guider>> {
-        match self.required(name)? {
-            Value::Guider(g) => Ok(g.clone()),
-            other => wrong_type(name, other),
+        self.optional_guider(name)?
+            .ok_or_else(|| not_connected(name))
+    }
+
+    pub fn optional_guider(&self, name: &str) -> anyhow::Result<Option<Arc<Guider>>> {
+        match self.input(name) {
+            None => Ok(None),
+            Some(Value::Guider(g)) => Ok(Some(g.clone())),
+            Some(other) => wrong_type(name, other),
         }
     }
 

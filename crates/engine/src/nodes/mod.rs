@@ -6,12 +6,14 @@ mod decode;
 mod encode_prompt;
 mod gaussian_start;
 mod load_image;
+mod load_latent;
 mod load_model;
 mod preview_image;
 mod reroute;
 mod sampler;
 mod save_image;
 mod source_image_start;
+mod step_sweep;
 
 pub mod context;
 
@@ -26,9 +28,11 @@ pub static REGISTRY: LazyLock<Vec<NodeDef>> = LazyLock::new(|| {
         load_image::definition(),
         encode_prompt::definition(),
         gaussian_start::definition(),
+        load_latent::definition(),
         source_image_start::definition(),
         cfg::definition(),
         sampler::definition(),
+        step_sweep::definition(),
         decode::definition(),
         save_image::definition(),
         preview_image::definition(),
