@@ -251,11 +251,16 @@ impl FluxModel {
         check_packed_channels(&transformer, &transformer_config, &autoencoder)?;
         check_agreement_text(&transformer, &transformer_config, &clip, &t5)?;
 
-        let dtype = request.dtype;
-        let needed = transformer.loaded_bytes(dtype)
-            + autoencoder.loaded_bytes(AUTOENCODER_DTYPE)
-            + clip.loaded_bytes(dtype)
-            + t5.loaded_bytes(t5_dtype(dtype));
+        let bytes_at = |dtype| {
+            transformer.loaded_bytes(dtype)
+                + autoencoder.loaded_bytes(AUTOENCODER_DTYPE)
+                + clip.loaded_bytes(dtype)
+                + t5.loaded_bytes(t5_dtype(dtype))
+        };
+        let dtype = request.precision.resolve(&request.device, || {
+            check_fits("", bytes_at(DType::F32), available_memory()).is_ok()
+        });
+        let needed = bytes_at(dtype);
         report(format!(
             "loading {} at {dtype:?}: about {} of weights",
             variant.title(),

@@ -319,15 +319,20 @@ impl Sd3Model {
             None => None,
         };
 
-        let dtype = request.dtype;
-        let needed = mmdit.loaded_bytes(MMDIT_DTYPE)
-            + autoencoder.loaded_bytes(AUTOENCODER_DTYPE)
-            + [&clip_l, &clip_g]
-                .into_iter()
-                .flatten()
-                .map(|p| p.loaded_bytes(dtype))
-                .sum::<u64>()
-            + t5.as_ref().map_or(0, |p| p.loaded_bytes(t5_dtype(dtype)));
+        let bytes_at = |dtype| {
+            mmdit.loaded_bytes(MMDIT_DTYPE)
+                + autoencoder.loaded_bytes(AUTOENCODER_DTYPE)
+                + [&clip_l, &clip_g]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.loaded_bytes(dtype))
+                    .sum::<u64>()
+                + t5.as_ref().map_or(0, |p| p.loaded_bytes(t5_dtype(dtype)))
+        };
+        let dtype = request.precision.resolve(&request.device, || {
+            check_fits("", bytes_at(DType::F32), available_memory()).is_ok()
+        });
+        let needed = bytes_at(dtype);
         report(format!(
             "loading {} (MMDiT at F16, text encoders at {dtype:?}): about {} of weights",
             variant.title(),

@@ -11,7 +11,7 @@ use crate::error::InputError;
 use crate::graph::PortType;
 use crate::graph::spec::{NodeSpec, ParamSpec, ParamView, PortSpec};
 use crate::graph::value::Value;
-use crate::model::{LoadRequest, family, family_names};
+use crate::model::{LoadRequest, Precision, family, family_names};
 use crate::nodes::context::{NodeContext, NodeDef, NodeEvent};
 
 /// Parameters naming one piece's file, by the name families look them up under.
@@ -42,7 +42,7 @@ const PIECES: [(&str, &str); 7] = [
         "T5 tokenizer.json (default: found from path)",
     ),
 ];
-const PRECISIONS: [&str; 3] = ["bf16", "f16", "f32"];
+const PRECISIONS: [&str; 4] = ["auto", "bf16", "f16", "f32"];
 const DEVICES: [&str; 3] = ["cpu", "cuda", "metal"];
 const TEXT_ENCODERS: [&str; 2] = ["free", "keep"];
 
@@ -66,8 +66,8 @@ pub fn definition() -> NodeDef {
         ParamSpec::choice(
             "precision",
             &PRECISIONS,
-            "bf16",
-            "number format of FLUX/SD3.5 weights (f32 doubles the memory)",
+            "auto",
+            "number format of FLUX/SD3.5 weights: auto is f32 on a CPU where it fits (faster there), else bf16",
         )
         .when(used_by_family),
         ParamSpec::choice("device", &DEVICES, "cpu", "where the networks run").when(used_by_family),
@@ -114,10 +114,11 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
             .filter(|(_, file)| !file.is_empty())
             .map(|(name, file)| (name.to_string(), PathBuf::from(file)))
             .collect(),
-        dtype: match ctx.text("precision") {
-            "f32" => DType::F32,
-            "f16" => DType::F16,
-            _ => DType::BF16,
+        precision: match ctx.text("precision") {
+            "f32" => Precision::Fixed(DType::F32),
+            "f16" => Precision::Fixed(DType::F16),
+            "bf16" => Precision::Fixed(DType::BF16),
+            _ => Precision::Auto,
         },
         device: device(ctx.text("device"))?,
         keep_text_encoders: ctx.text("text_encoders") == "keep",
