@@ -1,0 +1,437 @@
+"""The diffusers side of `bench/diffusers-twin.sh`, and the files both programs read.
+
+Subcommands:
+  snapshot DIR        write a FLUX.1-schnell folder as the release has it: every network at
+                      its real width, with few blocks, random weights (bf16, as the real files)
+  run SNAPSHOT ...    generate with diffusers' FluxPipeline, timing each phase into a JSON file
+  measure ...         run Flowline and diffusers in turn on the same snapshot and noise, and
+                      print the table
+
+The snapshot is written by diffusers' and transformers' own classes, so its layout is by
+definition the one real downloads have; both programs then load the same files and start from
+the same noise.
+"""
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "a lighthouse on a rocky coast at sunset, warm light, detailed photograph"
+
+
+def byte_letters() -> list:
+    """The printable stand-ins byte-level BPE (GPT-2's, CLIP's) writes the 256 bytes as."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    letters, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            letters.append(chr(byte))
+        else:
+            letters.append(chr(256 + extra))
+            extra += 1
+    return letters
+
+
+def write_snapshot(folder: Path, double_blocks: int, single_blocks: int) -> None:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file, save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5TokenizerFast)
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="twin-tokenizers-"))
+
+    # CLIP's tokenizer: every byte as a token, alone and ending a word, and no merges.
+    letters = byte_letters()
+    vocab = {}
+    for token in ["<|startoftext|>", "<|endoftext|>"] + letters + [c + "</w>" for c in letters]:
+        vocab.setdefault(token, len(vocab))
+    (work / "vocab.json").write_text(json.dumps(vocab))
+    (work / "merges.txt").write_text("#version: 0.2\n")
+    clip_tokenizer = CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"),
+                                   model_max_length=77)
+
+    # T5's tokenizer: a unigram model over letters and a few words.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,.'"]
+    pieces += [("▁" + w, -1.0) for w in PROMPT.replace(",", "").split()]
+    t5 = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    t5.pre_tokenizer = pre_tokenizers.Metaspace()
+    t5.save(str(work / "tokenizer.json"))
+    t5_tokenizer = T5TokenizerFast(tokenizer_file=str(work / "tokenizer.json"), extra_ids=0,
+                                   eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                   model_max_length=512)
+
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        projection_dim=768, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5_encoder = T5EncoderModel(T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+        layer_norm_epsilon=1e-6, tie_word_embeddings=False))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=double_blocks, num_single_layers=single_blocks,
+        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+        pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+        sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False, mid_block_add_attention=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=clip_tokenizer,
+                        text_encoder_2=t5_encoder, tokenizer_2=t5_tokenizer,
+                        transformer=transformer)
+    pipe.to(torch.bfloat16)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+
+    # Released CLIP files name their tensors `text_model.…`, as transformers wrote them
+    # before version 5; the file is written that way, as users have it.
+    clip_file = folder / "text_encoder" / "model.safetensors"
+    tensors = load_file(str(clip_file))
+    save_file({name if name.startswith("text_model.") else "text_model." + name: value
+               for name, value in tensors.items()}, str(clip_file), metadata={"format": "pt"})
+
+    # The release also ships the transformer and autoencoder in Black Forest Labs' own layout
+    # at the top of the folder, which Flowline (and ComfyUI) read. Those files are written
+    # first and diffusers converts them into its folders, so both programs run one set of
+    # weights.
+    save_file(bfl_transformer(double_blocks, single_blocks), str(folder / "flux1-schnell.safetensors"))
+    save_file(bfl_autoencoder(), str(folder / "ae.safetensors"))
+    converted = FluxTransformer2DModel.from_single_file(
+        str(folder / "flux1-schnell.safetensors"), config=str(folder), subfolder="transformer",
+        torch_dtype=torch.bfloat16)
+    converted.save_pretrained(str(folder / "transformer"), safe_serialization=True)
+    converted = AutoencoderKL.from_single_file(
+        str(folder / "ae.safetensors"), config=str(folder), subfolder="vae",
+        torch_dtype=torch.bfloat16)
+    converted.save_pretrained(str(folder / "vae"), safe_serialization=True)
+
+
+class Weights(dict):
+    """Named random tensors at scales that keep activations near unit size, in bf16."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def random(self, name: str, shape: tuple, scale: float) -> None:
+        import torch
+
+        value = torch.randn(shape, generator=self.generator) * scale
+        self[name] = value.to(torch.bfloat16)
+
+    def linear(self, name: str, out: int, inp: int, gain: float = 1.0) -> None:
+        self.random(f"{name}.weight", (out, inp), gain / math.sqrt(inp))
+        self.random(f"{name}.bias", (out,), 0.02)
+
+    def conv(self, name: str, out: int, inp: int, kernel: int) -> None:
+        self.random(f"{name}.weight", (out, inp, kernel, kernel), 1 / math.sqrt(inp * kernel ** 2))
+        self.random(f"{name}.bias", (out,), 0.02)
+
+    def ones(self, name: str, width: int) -> None:
+        import torch
+
+        self[name] = torch.ones(width, dtype=torch.bfloat16)
+
+    def norm(self, name: str, width: int) -> None:
+        import torch
+
+        self.ones(f"{name}.weight", width)
+        self[f"{name}.bias"] = torch.zeros(width, dtype=torch.bfloat16)
+
+
+def bfl_transformer(double_blocks: int, single_blocks: int) -> dict:
+    """FLUX.1-schnell's transformer as `flux1-schnell.safetensors` names it, at its real width."""
+    hidden, mlp, head = 3072, 4 * 3072, 128
+    t = Weights(1)
+    t.linear("img_in", hidden, 64)
+    t.linear("txt_in", hidden, 4096)
+    t.linear("time_in.in_layer", hidden, 256)
+    t.linear("time_in.out_layer", hidden, hidden)
+    t.linear("vector_in.in_layer", hidden, 768)
+    t.linear("vector_in.out_layer", hidden, hidden)
+    for block in range(double_blocks):
+        for stream in ["img", "txt"]:
+            b = f"double_blocks.{block}.{stream}"
+            t.linear(f"{b}_mod.lin", 6 * hidden, hidden, 0.1)
+            t.linear(f"{b}_attn.qkv", 3 * hidden, hidden)
+            t.ones(f"{b}_attn.norm.query_norm.scale", head)
+            t.ones(f"{b}_attn.norm.key_norm.scale", head)
+            t.linear(f"{b}_attn.proj", hidden, hidden)
+            t.linear(f"{b}_mlp.0", mlp, hidden)
+            t.linear(f"{b}_mlp.2", hidden, mlp)
+    for block in range(single_blocks):
+        b = f"single_blocks.{block}"
+        t.linear(f"{b}.linear1", 3 * hidden + mlp, hidden)
+        t.linear(f"{b}.linear2", hidden, hidden + mlp)
+        t.ones(f"{b}.norm.query_norm.scale", head)
+        t.ones(f"{b}.norm.key_norm.scale", head)
+        t.linear(f"{b}.modulation.lin", 3 * hidden, hidden, 0.1)
+    t.linear("final_layer.linear", 64, hidden, 0.5)
+    t.linear("final_layer.adaLN_modulation.1", 2 * hidden, hidden, 0.1)
+    return dict(t)
+
+
+def bfl_autoencoder() -> dict:
+    """FLUX.1's autoencoder as `ae.safetensors` names it: channels 128, 256, 512, 512, two
+    residual blocks per level going down and three going up, 16 latent channels."""
+    channels = [128, 256, 512, 512]
+    t = Weights(2)
+
+    def resnet(name: str, inp: int, out: int) -> None:
+        t.norm(f"{name}.norm1", inp)
+        t.conv(f"{name}.conv1", out, inp, 3)
+        t.norm(f"{name}.norm2", out)
+        t.conv(f"{name}.conv2", out, out, 3)
+        if inp != out:
+            t.conv(f"{name}.nin_shortcut", out, inp, 1)
+
+    def middle(side: str, width: int) -> None:
+        resnet(f"{side}.mid.block_1", width, width)
+        t.norm(f"{side}.mid.attn_1.norm", width)
+        for conv in ["q", "k", "v", "proj_out"]:
+            t.conv(f"{side}.mid.attn_1.{conv}", width, width, 1)
+        resnet(f"{side}.mid.block_2", width, width)
+
+    t.conv("encoder.conv_in", channels[0], 3, 3)
+    width = channels[0]
+    for level, out in enumerate(channels):
+        for block in range(2):
+            resnet(f"encoder.down.{level}.block.{block}", width, out)
+            width = out
+        if level + 1 < len(channels):
+            t.conv(f"encoder.down.{level}.downsample.conv", out, out, 3)
+    middle("encoder", width)
+    t.norm("encoder.norm_out", width)
+    t.conv("encoder.conv_out", 32, width, 3)
+
+    t.conv("decoder.conv_in", width, 16, 3)
+    middle("decoder", width)
+    for level in reversed(range(len(channels))):
+        out = channels[level]
+        for block in range(3):
+            resnet(f"decoder.up.{level}.block.{block}", width, out)
+            width = out
+        if level > 0:
+            t.conv(f"decoder.up.{level}.upsample.conv", out, out, 3)
+    t.norm("decoder.norm_out", width)
+    t.conv("decoder.conv_out", 3, width, 3)
+    return dict(t)
+
+
+def write_noise(path: Path, size: int, seed: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((1, 16, size // 8, size // 8), generator=generator, dtype=torch.float32)
+    save_file({"latent_tensor": noise}, str(path))
+
+
+def run(snapshot: Path, noise_file: Path, size: int, steps: int, threads: int, image: Path,
+        times_file: Path) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    times = {}
+    began = time.perf_counter()
+    from diffusers import FluxPipeline
+    from safetensors.torch import load_file
+
+    pipe = FluxPipeline.from_pretrained(str(snapshot), torch_dtype=torch.float32)
+    times["load"] = time.perf_counter() - began
+
+    with torch.inference_mode():
+        mark = time.perf_counter()
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=PROMPT, prompt_2=PROMPT, max_sequence_length=256)
+        times["encode"] = time.perf_counter() - mark
+
+        noise = load_file(str(noise_file))["latent_tensor"]
+        packed = pipe._pack_latents(noise, 1, 16, size // 8, size // 8)
+        mark = time.perf_counter()
+        latents = pipe(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, latents=packed,
+                       height=size, width=size, num_inference_steps=steps, guidance_scale=0.0,
+                       max_sequence_length=256, output_type="latent").images
+        times["sample"] = time.perf_counter() - mark
+
+        mark = time.perf_counter()
+        latents = pipe._unpack_latents(latents, size, size, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        pixels = pipe.vae.decode(latents, return_dict=False)[0]
+        times["decode"] = time.perf_counter() - mark
+    pipe.image_processor.postprocess(pixels, output_type="pil")[0].save(str(image))
+    times["end_to_end"] = time.perf_counter() - began
+    times_file.write_text(json.dumps(times))
+
+
+def flowline_workflow(repository: Path, noise_file: Path, steps: int, path: Path) -> None:
+    """The repository's FLUX.1-schnell workflow, starting from `noise_file`, at f32."""
+    workflow = json.loads((repository / "assets/workflows/flux-schnell.json").read_text())
+    for node in workflow["nodes"]:
+        if node["id"] == "start":
+            node["type"] = "load_latent"
+            node["params"] = {"path": str(noise_file)}
+        elif node["id"] == "sampler":
+            node["params"]["steps"] = steps
+        elif node["id"] == "model":
+            node["params"]["precision"] = "f32"
+    path.write_text(json.dumps(workflow, indent=1))
+
+
+def timed_child(command: list) -> tuple:
+    """Runs `command`; returns its wall time and peak resident memory in bytes."""
+    import os
+    import subprocess
+
+    began = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - began
+    errors = child.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{errors[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def median(values: list) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def measure(args) -> None:
+    """Runs both programs `args.repeats` times at each size, alternating, and prints the
+    medians; the last line is the end-to-end ratio at the first size."""
+    import os
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    threads = os.cpu_count()
+    phases = ["load", "encode", "sample", "decode", "end_to_end"]
+    flowline_nodes = {"load": "model", "encode": "prompt", "sample": "sampler",
+                      "decode": "decode"}
+    rows = []
+    headline = None
+    for size in args.sizes:
+        noise = work / f"noise-{size}.latent"
+        write_noise(noise, size, seed=42)
+        workflow = work / f"flowline-{size}.json"
+        flowline_workflow(args.repository, noise, args.steps, workflow)
+        times = {"flowline": {p: [] for p in phases}, "diffusers": {p: [] for p in phases}}
+        peaks = {"flowline": [], "diffusers": []}
+        images = {}
+        for repeat in range(args.repeats):
+            out = work / f"flowline-{size}-{repeat}"
+            trace = work / f"flowline-{size}-{repeat}.trace.json"
+            seconds, peak = timed_child([
+                str(args.flowline), "run", str(workflow), "--set",
+                f"model.path={args.snapshot}", "--out", str(out), "--trace", str(trace)])
+            record = json.loads(trace.read_text())
+            node_seconds = {n["node"]: n["seconds"] for n in record["nodes"]}
+            for phase, node in flowline_nodes.items():
+                times["flowline"][phase].append(node_seconds[node])
+            times["flowline"]["end_to_end"].append(seconds)
+            peaks["flowline"].append(peak)
+            images["flowline"] = Path(record["images"][0])
+
+            image = work / f"diffusers-{size}-{repeat}.png"
+            phase_file = work / f"diffusers-{size}-{repeat}.json"
+            seconds, peak = timed_child([
+                sys.executable, __file__, "run", str(args.snapshot), "--noise", str(noise),
+                "--size", str(size), "--steps", str(args.steps), "--threads", str(threads),
+                "--image", str(image), "--times", str(phase_file)])
+            phase_times = json.loads(phase_file.read_text())
+            for phase in phases[:-1]:
+                times["diffusers"][phase].append(phase_times[phase])
+            times["diffusers"]["end_to_end"].append(seconds)
+            peaks["diffusers"].append(peak)
+            images["diffusers"] = image
+            print(f"{size}² run {repeat + 1}/{args.repeats}: flowline "
+                  f"{times['flowline']['end_to_end'][-1]:.1f} s, diffusers "
+                  f"{times['diffusers']['end_to_end'][-1]:.1f} s", flush=True)
+        for phase in phases:
+            ours, theirs = median(times["flowline"][phase]), median(times["diffusers"][phase])
+            rows.append((f"{size}²", phase, f"{ours:.2f} s", f"{theirs:.2f} s",
+                         f"{ours / theirs:.2f}"))
+        ours, theirs = max(peaks["flowline"]), max(peaks["diffusers"])
+        rows.append((f"{size}²", "peak RSS", f"{ours / 2**30:.2f} GiB",
+                     f"{theirs / 2**30:.2f} GiB", f"{ours / theirs:.2f}"))
+        agreement = psnr(images["flowline"], images["diffusers"])
+        rows.append((f"{size}²", "image PSNR", "", "", f"{agreement:.1f} dB"))
+        if headline is None:
+            headline = median(times["flowline"]["end_to_end"]) / median(
+                times["diffusers"]["end_to_end"])
+
+    print(f"\nFLUX.1-schnell snapshot {args.snapshot}, {args.steps} steps, f32, {threads} "
+          f"threads, median of {args.repeats} alternating runs (load: the transformer, "
+          "autoencoder and, for diffusers, the text encoders; Flowline loads its text "
+          "encoders while encoding)\n")
+    header = ("size", "phase", "flowline", "diffusers", "flowline/diffusers")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    for row in [header] + rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+    print(f"end-to-end ratio flowline/diffusers: {headline:.2f}")
+
+
+def psnr(first: Path, second: Path) -> float:
+    import numpy
+    from PIL import Image
+
+    a = numpy.asarray(Image.open(first).convert("RGB"), dtype=numpy.float64)
+    b = numpy.asarray(Image.open(second).convert("RGB"), dtype=numpy.float64)
+    mse = float(((a - b) ** 2).mean())
+    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    snapshot = commands.add_parser("snapshot")
+    snapshot.add_argument("folder", type=Path)
+    snapshot.add_argument("--double-blocks", type=int, default=1)
+    snapshot.add_argument("--single-blocks", type=int, default=1)
+    generate = commands.add_parser("run")
+    generate.add_argument("snapshot", type=Path)
+    generate.add_argument("--noise", type=Path, required=True)
+    generate.add_argument("--size", type=int, required=True)
+    generate.add_argument("--steps", type=int, default=4)
+    generate.add_argument("--threads", type=int, required=True)
+    generate.add_argument("--image", type=Path, required=True)
+    generate.add_argument("--times", type=Path, required=True)
+    both = commands.add_parser("measure")
+    both.add_argument("--flowline", type=Path, required=True)
+    both.add_argument("--repository", type=Path, required=True)
+    both.add_argument("--snapshot", type=Path, required=True)
+    both.add_argument("--work", type=Path, required=True)
+    both.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
+    both.add_argument("--steps", type=int, default=4)
+    both.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.command == "snapshot":
+        write_snapshot(args.folder, args.double_blocks, args.single_blocks)
+    elif args.command == "run":
+        run(args.snapshot, args.noise, args.size, args.steps, args.threads, args.image, args.times)
+    else:
+        measure(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
