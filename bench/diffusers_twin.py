@@ -16,7 +16,9 @@ import argparse
 import json
 import math
 import sys
+import shutil
 import tempfile
+from dataclasses import dataclass
 import time
 from pathlib import Path
 
@@ -37,7 +39,38 @@ def byte_letters() -> list:
     return letters
 
 
-def write_snapshot(folder: Path, double_blocks: int, single_blocks: int) -> None:
+@dataclass
+class Sizes:
+    """The widths and depths of a snapshot's networks."""
+    hidden: int
+    head: int
+    double_blocks: int
+    single_blocks: int
+    t5_width: int
+    t5_heads: int
+    t5_head_width: int
+    t5_feed_forward: int
+    t5_vocabulary: int
+    clip_width: int
+    clip_heads: int
+    clip_feed_forward: int
+    autoencoder_channels: list
+    autoencoder_blocks: int
+
+
+# FLUX.1-schnell's real widths, with one block of each kind and one text encoder layer.
+REAL = Sizes(hidden=3072, head=128, double_blocks=1, single_blocks=1, t5_width=4096,
+             t5_heads=64, t5_head_width=64, t5_feed_forward=10240, t5_vocabulary=32128,
+             clip_width=768, clip_heads=12, clip_feed_forward=3072,
+             autoencoder_channels=[128, 256, 512, 512], autoencoder_blocks=2)
+# Tiny widths for the committed reference (tests/data/diffusers-flux-schnell): a few MB.
+TINY = Sizes(hidden=64, head=32, double_blocks=1, single_blocks=1, t5_width=32, t5_heads=4,
+             t5_head_width=8, t5_feed_forward=64, t5_vocabulary=64, clip_width=64,
+             clip_heads=2, clip_feed_forward=128, autoencoder_channels=[32, 64, 64, 64],
+             autoencoder_blocks=1)
+
+
+def write_snapshot(folder: Path, sizes: Sizes) -> None:
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers import FluxTransformer2DModel
@@ -72,22 +105,31 @@ def write_snapshot(folder: Path, double_blocks: int, single_blocks: int) -> None
                                    model_max_length=512)
 
     clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        projection_dim=768, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+        vocab_size=max(49408 if sizes is REAL else 0, len(vocab)),
+        hidden_size=sizes.clip_width, intermediate_size=sizes.clip_feed_forward,
+        num_hidden_layers=1, num_attention_heads=sizes.clip_heads, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=sizes.clip_width, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1))
     t5_encoder = T5EncoderModel(T5Config(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=1, num_heads=64,
+        vocab_size=sizes.t5_vocabulary, d_model=sizes.t5_width, d_kv=sizes.t5_head_width,
+        d_ff=sizes.t5_feed_forward, num_layers=1, num_heads=sizes.t5_heads,
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
         layer_norm_epsilon=1e-6, tie_word_embeddings=False))
+    # The rotary embedding splits a head as FLUX.1's 16/56/56 of 128 does (Flowline derives
+    # the split from the head width the same way).
+    first = sizes.head // 8
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=double_blocks, num_single_layers=single_blocks,
-        attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-        pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+        patch_size=1, in_channels=64, num_layers=sizes.double_blocks,
+        num_single_layers=sizes.single_blocks, attention_head_dim=sizes.head,
+        num_attention_heads=sizes.hidden // sizes.head, joint_attention_dim=sizes.t5_width,
+        pooled_projection_dim=sizes.clip_width, guidance_embeds=False,
+        axes_dims_rope=(first, (sizes.head - first) // 2, (sizes.head - first) // 2))
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16,
         down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+        block_out_channels=sizes.autoencoder_channels,
+        layers_per_block=sizes.autoencoder_blocks, norm_num_groups=32,
         sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
         use_post_quant_conv=False, mid_block_add_attention=True)
     scheduler = FlowMatchEulerDiscreteScheduler(
@@ -109,16 +151,38 @@ def write_snapshot(folder: Path, double_blocks: int, single_blocks: int) -> None
     # at the top of the folder, which Flowline (and ComfyUI) read. Those files are written
     # first and diffusers converts them into its folders, so both programs run one set of
     # weights.
-    save_file(bfl_transformer(double_blocks, single_blocks), str(folder / "flux1-schnell.safetensors"))
-    save_file(bfl_autoencoder(), str(folder / "ae.safetensors"))
-    converted = FluxTransformer2DModel.from_single_file(
-        str(folder / "flux1-schnell.safetensors"), config=str(folder), subfolder="transformer",
-        torch_dtype=torch.bfloat16)
+    save_file(bfl_transformer(sizes), str(folder / "flux1-schnell.safetensors"))
+    save_file(bfl_autoencoder(sizes), str(folder / "ae.safetensors"))
+    converted = transformer_from_bfl(folder / "flux1-schnell.safetensors", folder, sizes.hidden)
     converted.save_pretrained(str(folder / "transformer"), safe_serialization=True)
     converted = AutoencoderKL.from_single_file(
         str(folder / "ae.safetensors"), config=str(folder), subfolder="vae",
-        torch_dtype=torch.bfloat16)
+        dtype=torch.bfloat16)
     converted.save_pretrained(str(folder / "vae"), safe_serialization=True)
+
+
+def transformer_from_bfl(path: Path, folder: Path, hidden: int):
+    """The diffusers transformer holding the Black Forest Labs-layout file's weights, through
+    diffusers' own converter. That converter is written for FLUX.1's width alone (its
+    `inner_dim = 3072`), so for other widths it runs with that one constant changed."""
+    import inspect
+
+    import diffusers.loaders.single_file_utils as utils
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    convert = utils.convert_flux_transformer_checkpoint_to_diffusers
+    if hidden != 3072:
+        source = inspect.getsource(convert)
+        assert "inner_dim = 3072" in source, "diffusers' FLUX converter changed"
+        namespace = dict(vars(utils))
+        exec(source.replace("inner_dim = 3072", f"inner_dim = {hidden}"), namespace)
+        convert = namespace[convert.__name__]
+    model = FluxTransformer2DModel.from_config(
+        FluxTransformer2DModel.load_config(str(folder), subfolder="transformer"))
+    model.load_state_dict(convert(load_file(str(path))), strict=True)
+    return model.to(torch.bfloat16)
 
 
 class Weights(dict):
@@ -156,17 +220,17 @@ class Weights(dict):
         self[f"{name}.bias"] = torch.zeros(width, dtype=torch.bfloat16)
 
 
-def bfl_transformer(double_blocks: int, single_blocks: int) -> dict:
-    """FLUX.1-schnell's transformer as `flux1-schnell.safetensors` names it, at its real width."""
-    hidden, mlp, head = 3072, 4 * 3072, 128
+def bfl_transformer(sizes: Sizes) -> dict:
+    """FLUX.1-schnell's transformer as `flux1-schnell.safetensors` names it."""
+    hidden, mlp, head = sizes.hidden, 4 * sizes.hidden, sizes.head
     t = Weights(1)
     t.linear("img_in", hidden, 64)
-    t.linear("txt_in", hidden, 4096)
+    t.linear("txt_in", hidden, sizes.t5_width)
     t.linear("time_in.in_layer", hidden, 256)
     t.linear("time_in.out_layer", hidden, hidden)
-    t.linear("vector_in.in_layer", hidden, 768)
+    t.linear("vector_in.in_layer", hidden, sizes.clip_width)
     t.linear("vector_in.out_layer", hidden, hidden)
-    for block in range(double_blocks):
+    for block in range(sizes.double_blocks):
         for stream in ["img", "txt"]:
             b = f"double_blocks.{block}.{stream}"
             t.linear(f"{b}_mod.lin", 6 * hidden, hidden, 0.1)
@@ -176,7 +240,7 @@ def bfl_transformer(double_blocks: int, single_blocks: int) -> dict:
             t.linear(f"{b}_attn.proj", hidden, hidden)
             t.linear(f"{b}_mlp.0", mlp, hidden)
             t.linear(f"{b}_mlp.2", hidden, mlp)
-    for block in range(single_blocks):
+    for block in range(sizes.single_blocks):
         b = f"single_blocks.{block}"
         t.linear(f"{b}.linear1", 3 * hidden + mlp, hidden)
         t.linear(f"{b}.linear2", hidden, hidden + mlp)
@@ -188,10 +252,12 @@ def bfl_transformer(double_blocks: int, single_blocks: int) -> dict:
     return dict(t)
 
 
-def bfl_autoencoder() -> dict:
-    """FLUX.1's autoencoder as `ae.safetensors` names it: channels 128, 256, 512, 512, two
-    residual blocks per level going down and three going up, 16 latent channels."""
-    channels = [128, 256, 512, 512]
+def bfl_autoencoder(sizes: Sizes) -> dict:
+    """FLUX.1's autoencoder as `ae.safetensors` names it: four levels (the real one has
+    channels 128, 256, 512, 512, two residual blocks per level going down and three going
+    up), 16 latent channels."""
+    channels = sizes.autoencoder_channels
+    blocks = sizes.autoencoder_blocks
     t = Weights(2)
 
     def resnet(name: str, inp: int, out: int) -> None:
@@ -212,7 +278,7 @@ def bfl_autoencoder() -> dict:
     t.conv("encoder.conv_in", channels[0], 3, 3)
     width = channels[0]
     for level, out in enumerate(channels):
-        for block in range(2):
+        for block in range(blocks):
             resnet(f"encoder.down.{level}.block.{block}", width, out)
             width = out
         if level + 1 < len(channels):
@@ -225,7 +291,7 @@ def bfl_autoencoder() -> dict:
     middle("decoder", width)
     for level in reversed(range(len(channels))):
         out = channels[level]
-        for block in range(3):
+        for block in range(blocks + 1):
             resnet(f"decoder.up.{level}.block.{block}", width, out)
             width = out
         if level > 0:
@@ -233,6 +299,32 @@ def bfl_autoencoder() -> dict:
     t.norm("decoder.norm_out", width)
     t.conv("decoder.conv_out", 3, width, 3)
     return dict(t)
+
+
+# The committed reference: image side and steps.
+REFERENCE_SIZE = 64
+REFERENCE_STEPS = 2
+# What Flowline reads of a snapshot (the diffusers folders of the transformer and autoencoder
+# hold the same weights as the top-level files, so they stay out of the repository).
+FLOWLINE_FILES = ["flux1-schnell.safetensors", "ae.safetensors", "text_encoder/model.safetensors",
+                  "text_encoder_2/model.safetensors", "tokenizer/tokenizer.json",
+                  "tokenizer_2/tokenizer.json"]
+
+
+def write_reference(folder: Path) -> None:
+    """A tiny snapshot's files Flowline reads, a starting noise, and diffusers' picture from
+    them (`reference.png`): `tests/diffusers_reference.rs` checks Flowline draws the same."""
+    snapshot = Path(tempfile.mkdtemp(prefix="tiny-flux-"))
+    write_snapshot(snapshot, TINY)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in FLOWLINE_FILES:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(snapshot / name, folder / name)
+    write_noise(folder / "noise.latent", REFERENCE_SIZE, seed=42)
+    times = snapshot / "times.json"
+    run(snapshot, folder / "noise.latent", REFERENCE_SIZE, REFERENCE_STEPS, 1,
+        folder / "reference.png", times)
+    shutil.rmtree(snapshot)
 
 
 def write_noise(path: Path, size: int, seed: int) -> None:
@@ -254,7 +346,7 @@ def run(snapshot: Path, noise_file: Path, size: int, steps: int, threads: int, i
     from diffusers import FluxPipeline
     from safetensors.torch import load_file
 
-    pipe = FluxPipeline.from_pretrained(str(snapshot), torch_dtype=torch.float32)
+    pipe = FluxPipeline.from_pretrained(str(snapshot), dtype=torch.float32)
     times["load"] = time.perf_counter() - began
 
     with torch.inference_mode():
@@ -405,8 +497,8 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     snapshot = commands.add_parser("snapshot")
     snapshot.add_argument("folder", type=Path)
-    snapshot.add_argument("--double-blocks", type=int, default=1)
-    snapshot.add_argument("--single-blocks", type=int, default=1)
+    reference = commands.add_parser("reference")
+    reference.add_argument("folder", type=Path)
     generate = commands.add_parser("run")
     generate.add_argument("snapshot", type=Path)
     generate.add_argument("--noise", type=Path, required=True)
@@ -425,7 +517,9 @@ def main() -> int:
     both.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     if args.command == "snapshot":
-        write_snapshot(args.folder, args.double_blocks, args.single_blocks)
+        write_snapshot(args.folder, REAL)
+    elif args.command == "reference":
+        write_reference(args.folder)
     elif args.command == "run":
         run(args.snapshot, args.noise, args.size, args.steps, args.threads, args.image, args.times)
     else:
