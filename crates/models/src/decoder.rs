@@ -1,0 +1,221 @@
+//! The KL autoencoder's decoder (the latent-diffusion layout FLUX and SD3 share: `conv_in`,
+//! a middle of two residual blocks around self-attention, up levels of residual blocks with
+//! nearest-neighbour upsampling, `norm_out`, `conv_out`), written here rather than taken from
+//! candle-transformers so that its 3×3 convolutions, nearly all of a decode's time, run as
+//! [`Conv3x3`]. The encoder, used only for image-to-image starts, stays candle-transformers'.
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, VarBuilder, conv2d, group_norm};
+use candle_transformers::models::flux::autoencoder::Config;
+
+use crate::conv::Conv3x3;
+
+const GROUPS: usize = 32;
+const EPS: f64 = 1e-6;
+
+fn swish(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::silu(x)
+}
+
+struct ResidualBlock {
+    norm1: GroupNorm,
+    conv1: Conv3x3,
+    norm2: GroupNorm,
+    conv2: Conv3x3,
+    /// A 1×1 convolution where the block changes the channel count.
+    shortcut: Option<Conv2d>,
+}
+
+impl ResidualBlock {
+    fn load(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(ResidualBlock {
+            norm1: group_norm(GROUPS, inputs, EPS, vb.pp("norm1"))?,
+            conv1: Conv3x3::load(inputs, outputs, vb.pp("conv1"))?,
+            norm2: group_norm(GROUPS, outputs, EPS, vb.pp("norm2"))?,
+            conv2: Conv3x3::load(outputs, outputs, vb.pp("conv2"))?,
+            shortcut: (inputs != outputs)
+                .then(|| {
+                    conv2d(
+                        inputs,
+                        outputs,
+                        1,
+                        Default::default(),
+                        vb.pp("nin_shortcut"),
+                    )
+                })
+                .transpose()?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
+        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+        match &self.shortcut {
+            Some(shortcut) => shortcut.forward(x)? + h,
+            None => x + h,
+        }
+    }
+}
+
+/// Single-head self-attention over every latent position, with 1×1 convolutions for the
+/// projections.
+struct Attention {
+    norm: GroupNorm,
+    q: Conv2d,
+    k: Conv2d,
+    v: Conv2d,
+    out: Conv2d,
+}
+
+impl Attention {
+    fn load(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let projection = |name| conv2d(channels, channels, 1, Default::default(), vb.pp(name));
+        Ok(Attention {
+            norm: group_norm(GROUPS, channels, EPS, vb.pp("norm"))?,
+            q: projection("q")?,
+            k: projection("k")?,
+            v: projection("v")?,
+            out: projection("proj_out")?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        // [B, C, H, W] → [B, HW, C]
+        let tokens = |conv: &Conv2d| conv.forward(&normed)?.flatten_from(2)?.transpose(1, 2);
+        let (q, k, v) = (tokens(&self.q)?, tokens(&self.k)?, tokens(&self.v)?);
+        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (channels as f64).sqrt())?;
+        let attended = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v.contiguous()?)?;
+        let attended = attended
+            .transpose(1, 2)?
+            .reshape((batch, channels, height, width))?;
+        self.out.forward(&attended)? + x
+    }
+}
+
+struct UpLevel {
+    blocks: Vec<ResidualBlock>,
+    /// Doubles the side, then a 3×3 convolution; the last level has none.
+    upsample: Option<Conv3x3>,
+}
+
+/// The decoder: a `[B, z, h, w]` latent (already un-normalised) to `[B, 3, H, W]` in about
+/// [−1, 1].
+pub struct Decoder {
+    conv_in: Conv3x3,
+    middle: (ResidualBlock, Attention, ResidualBlock),
+    /// From the deepest level (smallest side) to the shallowest.
+    levels: Vec<UpLevel>,
+    norm_out: GroupNorm,
+    conv_out: Conv3x3,
+}
+
+impl Decoder {
+    pub fn load(config: &Config, vb: VarBuilder) -> Result<Self> {
+        let widths: Vec<usize> = config.ch_mult.iter().map(|m| config.ch * m).collect();
+        let mut channels = *widths.last().unwrap_or(&config.ch);
+        let conv_in = Conv3x3::load(config.z_channels, channels, vb.pp("conv_in"))?;
+        let middle = (
+            ResidualBlock::load(channels, channels, vb.pp("mid.block_1"))?,
+            Attention::load(channels, vb.pp("mid.attn_1"))?,
+            ResidualBlock::load(channels, channels, vb.pp("mid.block_2"))?,
+        );
+        let mut levels = Vec::new();
+        for (level, &width) in widths.iter().enumerate().rev() {
+            let vb = vb.pp(format!("up.{level}"));
+            let mut blocks = Vec::new();
+            for block in 0..=config.num_res_blocks {
+                blocks.push(ResidualBlock::load(
+                    channels,
+                    width,
+                    vb.pp(format!("block.{block}")),
+                )?);
+                channels = width;
+            }
+            let upsample = (level > 0)
+                .then(|| Conv3x3::load(channels, channels, vb.pp("upsample.conv")))
+                .transpose()?;
+            levels.push(UpLevel { blocks, upsample });
+        }
+        Ok(Decoder {
+            conv_in,
+            middle,
+            levels,
+            norm_out: group_norm(GROUPS, channels, EPS, vb.pp("norm_out"))?,
+            conv_out: Conv3x3::load(channels, config.out_ch, vb.pp("conv_out"))?,
+        })
+    }
+}
+
+impl Module for Decoder {
+    fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let (first, attention, second) = &self.middle;
+        let mut h = self.conv_in.forward(z)?;
+        h = second.forward(&attention.forward(&first.forward(&h)?)?)?;
+        for level in &self.levels {
+            for block in &level.blocks {
+                h = block.forward(&h)?;
+            }
+            if let Some(conv) = &level.upsample {
+                let (_, _, height, width) = h.dims4()?;
+                h = conv.forward(&h.upsample_nearest2d(2 * height, 2 * width)?)?;
+            }
+        }
+        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    #[test]
+    fn it_decodes_as_candle_transformers_decoder_does() {
+        let device = Device::Cpu;
+        let config = Config {
+            resolution: 256,
+            in_channels: 3,
+            ch: 32,
+            out_ch: 3,
+            ch_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            z_channels: 16,
+            scale_factor: 1.0,
+            shift_factor: 0.0,
+        };
+        // candle-transformers' decoder fills the variables with its initialisation; ours
+        // reads the same variables.
+        let variables = VarMap::new();
+        let vb = VarBuilder::from_varmap(&variables, DType::F32, &device);
+        let reference =
+            candle_transformers::models::flux::autoencoder::Decoder::new(&config, vb.clone())
+                .unwrap();
+        let ours = Decoder::load(&config, vb).unwrap();
+        let z = Tensor::randn(0f32, 1.0, (1, 16, 6, 10), &device).unwrap();
+        let expected = reference.forward(&z).unwrap();
+        let decoded = ours.forward(&z).unwrap();
+        assert_eq!(decoded.dims(), [1, 3, 24, 40]);
+        let scale = expected
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let difference = (decoded - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            difference <= 1e-4 * scale.max(1.0),
+            "{difference} of {scale}"
+        );
+    }
+}
