@@ -81,10 +81,11 @@ impl LatentAutoencoder {
 }
 
 /// The largest latent side the autoencoder takes in one piece (1024 pixels): its memory grows
-/// with the area, so larger images are done in tiles of this side, within a fixed budget (a
-/// 1024² decode of the full-size FLUX autoencoder at f32 holds a few 512 MiB activations at
-/// once). Tiles cost time: their overlaps are computed twice, and 1024² in 512² tiles
-/// decoded 2.25 times the pixels, so a tile is as large as the budget allows.
+/// with the area, so larger images are done in tiles of this side, within a fixed budget (at
+/// 1024² each 128-channel activation of the full-size FLUX autoencoder is 512 MiB at f32, and
+/// a residual block holds a few at once). Tiles cost time: their overlaps are computed twice,
+/// and 1024² in 512² tiles decoded 2.25 times the pixels, so a tile is as large as the budget
+/// allows.
 pub const TILE: usize = 128;
 /// How far neighbouring tiles overlap, in latent positions: over the overlap the two are
 /// blended linearly, so no seam shows where group norms and attention saw different tiles.
