@@ -1,7 +1,7 @@
 //! The KL autoencoder FLUX and SD3 share (the latent-diffusion layout: `encoder.down.N`,
-//! `decoder.up.N`, 16 latent channels), encoded by candle-transformers' implementation and
-//! decoded by Flowline's own ([`crate::decoder`], faster on the CPU), with each family's latent
-//! normalisation `(z − shift) · scale` applied here.
+//! `decoder.up.N`, 16 latent channels), run by Flowline's own networks
+//! ([`crate::autoencoder_networks`], faster on the CPU than candle-transformers'), with each
+//! family's latent normalisation `(z − shift) · scale` applied here.
 //!
 //! Sizes (base width, levels, channel multipliers, residual blocks) come from the tensor
 //! shapes. It runs at f32 whatever the model's precision: it is small (84 M parameters, a few
@@ -10,10 +10,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Module;
-use candle_transformers::models::flux::autoencoder::{Config, Encoder};
+use candle_transformers::models::flux::autoencoder::Config;
 
+use crate::autoencoder_networks::{Decoder, Encoder};
 use crate::checkpoint::Piece;
-use crate::decoder::Decoder;
 use flowline_engine::error::InputError;
 
 /// The precision the autoencoder runs at.
@@ -41,7 +41,7 @@ impl LatentAutoencoder {
     ) -> anyhow::Result<LatentAutoencoder> {
         let config = config(piece, scale, shift)?;
         let vb = piece.var_builder(DTYPE, device)?;
-        let encoder = Encoder::new(&config, vb.pp("encoder")).map_err(|e| piece.load_error(e))?;
+        let encoder = Encoder::load(&config, vb.pp("encoder")).map_err(|e| piece.load_error(e))?;
         let decoder = Decoder::load(&config, vb.pp("decoder")).map_err(|e| piece.load_error(e))?;
         Ok(LatentAutoencoder {
             encoder,

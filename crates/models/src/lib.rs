@@ -7,16 +7,16 @@
 //!
 //! Modules from the bottom up: [`checkpoint`] (reading safetensors and GGUF headers and
 //! weights, memory checks), [`locate`] (finding a model's pieces on disk and telling what a
-//! file holds), [`conv`] and [`decoder`] (the autoencoder's fast decoder), [`autoencoder`] and
+//! file holds), [`conv`] and [`autoencoder_networks`] (the autoencoder's networks, fast on the CPU), [`autoencoder`] and
 //! [`text_encoders`] (the pieces FLUX and SD3.5 share), the
 //! families [`flux`] and [`sd3`], [`discovery`] (models in the Hugging Face cache and
 //! ComfyUI-style folders), and [`comfyui`] (opening workflows, ComfyUI's converted).
 
 pub mod autoencoder;
+pub mod autoencoder_networks;
 pub mod checkpoint;
 pub mod comfyui;
 pub mod conv;
-pub mod decoder;
 pub mod discovery;
 pub mod flux;
 pub mod locate;

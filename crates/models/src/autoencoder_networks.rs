@@ -1,8 +1,8 @@
-//! The KL autoencoder's decoder (the latent-diffusion layout FLUX and SD3 share: `conv_in`,
-//! a middle of two residual blocks around self-attention, up levels of residual blocks with
-//! nearest-neighbour upsampling, `norm_out`, `conv_out`), written here rather than taken from
-//! candle-transformers so that its 3×3 convolutions, nearly all of a decode's time, run as
-//! [`Conv3x3`]. The encoder, used only for image-to-image starts, stays candle-transformers'.
+//! The KL autoencoder's encoder and decoder networks, in the latent-diffusion layout FLUX and
+//! SD3 share: `conv_in`; levels of residual blocks, going down with strided convolutions or up
+//! with nearest-neighbour upsampling; a middle of two residual blocks around self-attention;
+//! `norm_out`, `conv_out`. They are written here rather than taken from candle-transformers so
+//! that their 3×3 convolutions, nearly all of the time, run as [`Conv3x3`].
 
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, VarBuilder, conv2d, group_norm};
@@ -94,6 +94,96 @@ impl Attention {
     }
 }
 
+struct DownLevel {
+    blocks: Vec<ResidualBlock>,
+    /// Halves the side (a 3×3 convolution of stride 2 after padding right and bottom); the
+    /// last level has none.
+    downsample: Option<Conv2d>,
+}
+
+/// The encoder: `[B, 3, H, W]` in about [−1, 1] to `[B, 2z, h, w]`, the latent's mean and log
+/// variance.
+pub struct Encoder {
+    conv_in: Conv3x3,
+    /// From the shallowest level (largest side) to the deepest.
+    levels: Vec<DownLevel>,
+    middle: Middle,
+    norm_out: GroupNorm,
+    conv_out: Conv3x3,
+}
+
+impl Encoder {
+    pub fn load(config: &Config, vb: VarBuilder) -> Result<Self> {
+        let widths: Vec<usize> = config.ch_mult.iter().map(|m| config.ch * m).collect();
+        let mut channels = config.ch;
+        let conv_in = Conv3x3::load(config.in_channels, channels, vb.pp("conv_in"))?;
+        let mut levels = Vec::new();
+        for (level, &width) in widths.iter().enumerate() {
+            let vb = vb.pp(format!("down.{level}"));
+            let mut blocks = Vec::new();
+            for block in 0..config.num_res_blocks {
+                blocks.push(ResidualBlock::load(
+                    channels,
+                    width,
+                    vb.pp(format!("block.{block}")),
+                )?);
+                channels = width;
+            }
+            let strided = candle_nn::Conv2dConfig {
+                stride: 2,
+                ..Default::default()
+            };
+            let downsample = (level + 1 < widths.len())
+                .then(|| conv2d(channels, channels, 3, strided, vb.pp("downsample.conv")))
+                .transpose()?;
+            levels.push(DownLevel { blocks, downsample });
+        }
+        Ok(Encoder {
+            conv_in,
+            levels,
+            middle: Middle::load(channels, &vb)?,
+            norm_out: group_norm(GROUPS, channels, EPS, vb.pp("norm_out"))?,
+            conv_out: Conv3x3::load(channels, 2 * config.z_channels, vb.pp("conv_out"))?,
+        })
+    }
+}
+
+impl Module for Encoder {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut h = self.conv_in.forward(x)?;
+        for level in &self.levels {
+            for block in &level.blocks {
+                h = block.forward(&h)?;
+            }
+            if let Some(conv) = &level.downsample {
+                let padded = h
+                    .pad_with_zeros(D::Minus1, 0, 1)?
+                    .pad_with_zeros(D::Minus2, 0, 1)?;
+                h = conv.forward(&padded)?;
+            }
+        }
+        h = self.middle.forward(&h)?;
+        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+    }
+}
+
+/// Two residual blocks around self-attention, at the deepest level.
+struct Middle(ResidualBlock, Attention, ResidualBlock);
+
+impl Middle {
+    fn load(channels: usize, vb: &VarBuilder) -> Result<Self> {
+        Ok(Middle(
+            ResidualBlock::load(channels, channels, vb.pp("mid.block_1"))?,
+            Attention::load(channels, vb.pp("mid.attn_1"))?,
+            ResidualBlock::load(channels, channels, vb.pp("mid.block_2"))?,
+        ))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.2.forward(&self.1.forward(&self.0.forward(x)?)?)
+    }
+}
+
 struct UpLevel {
     blocks: Vec<ResidualBlock>,
     /// Doubles the side, then a 3×3 convolution; the last level has none.
@@ -104,7 +194,7 @@ struct UpLevel {
 /// [−1, 1].
 pub struct Decoder {
     conv_in: Conv3x3,
-    middle: (ResidualBlock, Attention, ResidualBlock),
+    middle: Middle,
     /// From the deepest level (smallest side) to the shallowest.
     levels: Vec<UpLevel>,
     norm_out: GroupNorm,
@@ -116,11 +206,7 @@ impl Decoder {
         let widths: Vec<usize> = config.ch_mult.iter().map(|m| config.ch * m).collect();
         let mut channels = *widths.last().unwrap_or(&config.ch);
         let conv_in = Conv3x3::load(config.z_channels, channels, vb.pp("conv_in"))?;
-        let middle = (
-            ResidualBlock::load(channels, channels, vb.pp("mid.block_1"))?,
-            Attention::load(channels, vb.pp("mid.attn_1"))?,
-            ResidualBlock::load(channels, channels, vb.pp("mid.block_2"))?,
-        );
+        let middle = Middle::load(channels, &vb)?;
         let mut levels = Vec::new();
         for (level, &width) in widths.iter().enumerate().rev() {
             let vb = vb.pp(format!("up.{level}"));
@@ -150,9 +236,7 @@ impl Decoder {
 
 impl Module for Decoder {
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let (first, attention, second) = &self.middle;
-        let mut h = self.conv_in.forward(z)?;
-        h = second.forward(&attention.forward(&first.forward(&h)?)?)?;
+        let mut h = self.middle.forward(&self.conv_in.forward(z)?)?;
         for level in &self.levels {
             for block in &level.blocks {
                 h = block.forward(&h)?;
@@ -172,8 +256,27 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
+    fn largest_difference(a: &Tensor, b: &Tensor) -> (f32, f32) {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let difference = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        (difference, scale)
+    }
+
     #[test]
-    fn it_decodes_as_candle_transformers_decoder_does() {
+    fn they_encode_and_decode_as_candle_transformers_networks_do() {
         let device = Device::Cpu;
         let config = Config {
             resolution: 256,
@@ -186,36 +289,34 @@ mod tests {
             scale_factor: 1.0,
             shift_factor: 0.0,
         };
-        // candle-transformers' decoder fills the variables with its initialisation; ours
-        // reads the same variables.
+        // candle-transformers' networks fill the variables with their initialisation; ours
+        // read the same variables.
         let variables = VarMap::new();
         let vb = VarBuilder::from_varmap(&variables, DType::F32, &device);
-        let reference =
-            candle_transformers::models::flux::autoencoder::Decoder::new(&config, vb.clone())
-                .unwrap();
-        let ours = Decoder::load(&config, vb).unwrap();
+        let (decoder_vb, encoder_vb) = (vb.pp("decoder"), vb.pp("encoder"));
+        use candle_transformers::models::flux::autoencoder as reference;
+        let reference_decoder = reference::Decoder::new(&config, decoder_vb.clone()).unwrap();
+        let reference_encoder = reference::Encoder::new(&config, encoder_vb.clone()).unwrap();
+        let ours = Decoder::load(&config, decoder_vb).unwrap();
+        let our_encoder = Encoder::load(&config, encoder_vb).unwrap();
         let z = Tensor::randn(0f32, 1.0, (1, 16, 6, 10), &device).unwrap();
-        let expected = reference.forward(&z).unwrap();
         let decoded = ours.forward(&z).unwrap();
         assert_eq!(decoded.dims(), [1, 3, 24, 40]);
-        let scale = expected
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let difference = (decoded - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let (difference, scale) =
+            largest_difference(&decoded, &reference_decoder.forward(&z).unwrap());
         assert!(
             difference <= 1e-4 * scale.max(1.0),
-            "{difference} of {scale}"
+            "decoder: {difference} of {scale}"
+        );
+
+        let image = Tensor::randn(0f32, 1.0, (1, 3, 24, 40), &device).unwrap();
+        let encoded = our_encoder.forward(&image).unwrap();
+        assert_eq!(encoded.dims(), [1, 32, 6, 10]);
+        let expected = reference_encoder.forward(&image).unwrap();
+        let (difference, scale) = largest_difference(&encoded, &expected);
+        assert!(
+            difference <= 1e-4 * scale.max(1.0),
+            "encoder: {difference} of {scale}"
         );
     }
 }
