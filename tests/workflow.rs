@@ -122,3 +122,30 @@ fn assignments_name_what_is_wrong() {
     let err = workflow.apply_assignment("cfg.scale=99").unwrap_err();
     assert_eq!(err, "cfg.scale: 99 is out of range [0, 30]");
 }
+
+#[test]
+fn every_shipped_workflow_is_an_example_and_valid() {
+    use flowline_engine::workflow::EXAMPLE_WORKFLOWS;
+
+    flowline::install_model_families();
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/workflows");
+    let mut shipped: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    shipped.sort();
+    let mut examples: Vec<String> = EXAMPLE_WORKFLOWS
+        .iter()
+        .map(|e| e.file.to_string())
+        .collect();
+    examples.sort();
+    assert_eq!(examples, shipped);
+    for example in &EXAMPLE_WORKFLOWS {
+        let built_in = Workflow::from_json(example.json, example.file).unwrap();
+        let on_disk = Workflow::load(&folder.join(example.file)).unwrap();
+        assert_eq!(built_in, on_disk, "{}", example.file);
+        if let Err(errors) = flowline_engine::validate::validate(&built_in.graph) {
+            panic!("{}: {errors:?}", example.file);
+        }
+    }
+}

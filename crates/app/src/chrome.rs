@@ -4,6 +4,8 @@
 use eframe::egui::{self, Color32, Id, Key, KeyboardShortcut, Modifiers, RichText};
 use egui_snarl::ui::get_selected_nodes;
 
+use flowline_engine::workflow::EXAMPLE_WORKFLOWS;
+
 use super::document::Document;
 use super::{FlowlineApp, GRAPH_ID, Pending, runs};
 
@@ -116,6 +118,13 @@ impl FlowlineApp {
                 if ui.add(shortcut_button("Open…", &OPEN, ui)).clicked() {
                     self.dialogs.open_workflow();
                 }
+                ui.menu_button("Open example", |ui| {
+                    for (index, example) in EXAMPLE_WORKFLOWS.iter().enumerate() {
+                        if ui.button(example.title).clicked() {
+                            self.guarded(Pending::Example(index));
+                        }
+                    }
+                });
                 ui.menu_button("Open recent", |ui| {
                     if self.recent.is_empty() {
                         ui.label("no recent files");

@@ -30,7 +30,7 @@ use egui_snarl::ui::{NodeLayout, SnarlStyle, SnarlWidget};
 use flowline_engine::executor::Executor;
 use flowline_engine::graph::ParamValue;
 use flowline_engine::nodes::context::RunEnv;
-use flowline_engine::workflow::{DEFAULT_WORKFLOW, Workflow};
+use flowline_engine::workflow::{DEFAULT_WORKFLOW, EXAMPLE_WORKFLOWS, Workflow};
 use flowline_models::comfyui::open_workflow;
 
 use document::Document;
@@ -80,6 +80,8 @@ pub fn launch(path: Option<PathBuf>) -> ExitCode {
 enum Pending {
     New,
     Open(PathBuf),
+    /// One of [`flowline_engine::workflow::EXAMPLE_WORKFLOWS`], as a new untitled document.
+    Example(usize),
     Quit,
 }
 
@@ -242,6 +244,17 @@ impl FlowlineApp {
         self.after_replacing_document();
     }
 
+    fn open_example(&mut self, index: usize) {
+        let example = &EXAMPLE_WORKFLOWS[index];
+        match Workflow::from_json(example.json, example.file) {
+            Ok(workflow) => {
+                self.doc = Document::new(workflow, None);
+                self.after_replacing_document();
+            }
+            Err(e) => self.error = Some(format!("{e:#}")),
+        }
+    }
+
     fn after_replacing_document(&mut self) {
         self.fit_requested = true;
         self.groups = groups::GroupsUi::default();
@@ -291,6 +304,7 @@ impl FlowlineApp {
     fn perform(&mut self, action: Pending) {
         match action {
             Pending::New => self.new_document(),
+            Pending::Example(index) => self.open_example(index),
             Pending::Open(path) => self.open(&path),
             Pending::Quit => self.allow_close = true,
         }

@@ -982,3 +982,43 @@ fn comfyui_workflows_find_their_models_in_the_folder_chosen_for_them() {
     );
     assert_eq!(model.params["family"], ParamValue::Text("flux-dev".into()));
 }
+
+#[test]
+fn the_step_sweep_example_opens_from_the_menu_and_runs_into_a_contact_sheet() {
+    let mut fixture = app(false);
+    fixture.harness.get_by_label("File").click();
+    fixture.harness.run_steps(2);
+    fixture
+        .harness
+        .get_by_label_contains("Open example")
+        .click();
+    fixture.harness.run_steps(2);
+    fixture
+        .harness
+        .get_by_label("Step sweep: shapes against shapes-fast")
+        .click();
+    fixture.harness.run_steps(3);
+    let document = fixture.app().document();
+    assert_eq!(
+        document.path, None,
+        "an example opens untitled, so Save asks where"
+    );
+    let sweep = document
+        .node_by_workflow_id("sweep")
+        .expect("the sweep node");
+    assert_eq!(document.snarl[sweep].type_name, "step_sweep");
+
+    fixture.run_to_end();
+    let runs = &fixture.app().runs;
+    assert!(matches!(
+        runs.queue.last().map(|r| &r.state),
+        Some(RunState::Finished)
+    ));
+    // Five columns of 64² pictures drawn at 128², two rows, with their labels.
+    let sheet = &runs.image.as_ref().expect("the sheet is shown").image;
+    assert!(
+        sheet.width() > 5 * 128 && sheet.height() > 2 * 128,
+        "{:?}",
+        sheet.dimensions()
+    );
+}

@@ -28,6 +28,49 @@ pub const VERSION: u32 = 1;
 /// The text-to-image workflow the app opens with, built into the binary.
 pub const DEFAULT_WORKFLOW: &str = include_str!("../../../assets/workflows/default.json");
 
+/// A workflow shipped in `assets/workflows`.
+pub struct ExampleWorkflow {
+    /// What it does, as a menu lists it.
+    pub title: &'static str,
+    /// Its file name in `assets/workflows`.
+    pub file: &'static str,
+    pub json: &'static str,
+}
+
+/// Every shipped workflow, built into the binary so the app offers them wherever it runs.
+pub const EXAMPLE_WORKFLOWS: [ExampleWorkflow; 6] = [
+    ExampleWorkflow {
+        title: "Text to image (shapes, 16 steps)",
+        file: "default.json",
+        json: DEFAULT_WORKFLOW,
+    },
+    ExampleWorkflow {
+        title: "Few steps (shapes-fast, 4 steps)",
+        file: "shapes-fast.json",
+        json: include_str!("../../../assets/workflows/shapes-fast.json"),
+    },
+    ExampleWorkflow {
+        title: "Step sweep: shapes against shapes-fast",
+        file: "step-sweep.json",
+        json: include_str!("../../../assets/workflows/step-sweep.json"),
+    },
+    ExampleWorkflow {
+        title: "FLUX.1 [schnell] (set the model path)",
+        file: "flux-schnell.json",
+        json: include_str!("../../../assets/workflows/flux-schnell.json"),
+    },
+    ExampleWorkflow {
+        title: "FLUX.1 [dev] (set the model path)",
+        file: "flux-dev.json",
+        json: include_str!("../../../assets/workflows/flux-dev.json"),
+    },
+    ExampleWorkflow {
+        title: "SD3.5 (set the model path)",
+        file: "sd3.5.json",
+        json: include_str!("../../../assets/workflows/sd3.5.json"),
+    },
+];
+
 /// A graph plus the app's state, as stored in a file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Workflow {

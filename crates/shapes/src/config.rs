@@ -11,10 +11,15 @@ use crate::network::NetworkConfig;
 
 /// Where the shipped weights live: `assets/models/shapes` at the top of the repository.
 pub const SHIPPED_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/models/shapes");
-/// Where the shipped weights of [`GUIDE_FAMILY`] live.
+/// Where the shipped weights of [`GUIDE_FAMILY`](crate::model::GUIDE_FAMILY) live.
 pub const SHIPPED_GUIDE_DIR: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../assets/models/shapes-guide"
+);
+/// Where the shipped weights of [`FAST_FAMILY`](crate::model::FAST_FAMILY) live.
+pub const SHIPPED_FAST_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../assets/models/shapes-fast"
 );
 pub const CONFIG_FILE: &str = "config.json";
 pub const WEIGHTS_FILE: &str = "model.safetensors";

@@ -27,5 +27,11 @@ pub mod train;
 use flowline_engine::model::Family;
 
 /// The families this crate provides, in the order the Load Model node offers them: the
-/// exemplar reference, the shapes model (the default workflow's) and its weaker guide.
-pub const FAMILIES: [Family; 3] = [exemplar::FAMILY, model::FAMILY, model::GUIDE_FAMILY];
+/// exemplar reference, the shapes model (the default workflow's), its weaker guide and its
+/// few-step reflowed version.
+pub const FAMILIES: [Family; 4] = [
+    exemplar::FAMILY,
+    model::FAMILY,
+    model::GUIDE_FAMILY,
+    model::FAST_FAMILY,
+];
