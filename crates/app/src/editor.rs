@@ -604,22 +604,25 @@ impl SnarlViewer<Node> for GraphViewer<'_> {
         snarl: &mut Snarl<Node>,
     ) {
         let id = &snarl[node].id;
-        if let Some((_, frame)) = self.latest_step.filter(|(step_node, _)| step_node == id) {
-            preview::show(ui, preview::NODE_SLOT, frame, NODE_PREVIEW_SIDE);
-        }
         ui.set_max_width(260.0);
-        // Wrapped explicitly: the footer's layout would otherwise widen the node to the longest
-        // message and lay it over its neighbours.
-        let mut note = |text: RichText| ui.add(egui::Label::new(text).wrap());
-        if let Some(problem) = self.runs.problem(id) {
-            note(RichText::new(problem).color(Color32::from_rgb(255, 110, 110)));
-        }
-        for (_, info) in self.runs.infos.iter().filter(|(n, _)| n == id) {
-            note(RichText::new(info).weak());
-        }
-        for (_, warning) in self.runs.warnings.iter().filter(|(n, _)| n == id) {
-            note(RichText::new(format!("⚠ {warning}")).color(Color32::from_rgb(240, 200, 90)));
-        }
+        // The preview, then one note under another, each wrapped: the footer's layout would
+        // otherwise set them side by side or widen the node to the longest and lay it over its
+        // neighbours.
+        ui.vertical(|ui| {
+            if let Some((_, frame)) = self.latest_step.filter(|(step_node, _)| step_node == id) {
+                preview::show(ui, preview::NODE_SLOT, frame, NODE_PREVIEW_SIDE);
+            }
+            let mut note = |text: RichText| ui.add(egui::Label::new(text).wrap());
+            if let Some(problem) = self.runs.problem(id) {
+                note(RichText::new(problem).color(Color32::from_rgb(255, 110, 110)));
+            }
+            for (_, info) in self.runs.infos.iter().filter(|(n, _)| n == id) {
+                note(RichText::new(info).weak());
+            }
+            for (_, warning) in self.runs.warnings.iter().filter(|(n, _)| n == id) {
+                note(RichText::new(format!("⚠ {warning}")).color(Color32::from_rgb(240, 200, 90)));
+            }
+        });
     }
 
     fn final_node_rect(

@@ -6,6 +6,9 @@ use eframe::egui::{self, RichText};
 use super::FlowlineApp;
 use super::preview::{self, probe_values};
 
+/// How far the final image can be scaled.
+const ZOOM_RANGE: std::ops::RangeInclusive<f32> = 0.25..=8.0;
+
 impl FlowlineApp {
     pub(super) fn preview_panel(&mut self, ui: &mut egui::Ui) {
         ui.heading("Live preview");
@@ -109,6 +112,12 @@ impl FlowlineApp {
             .is_none_or(|(v, _)| *v != version)
         {
             let size = [image.image.width() as usize, image.image.height() as usize];
+            // A picture wider than the panel at the chosen zoom (a step sweep's contact sheet,
+            // say) is shown whole; smaller ones keep the zoom the user chose.
+            let fitting = ui.available_width() / size[0] as f32;
+            if self.zoom > fitting {
+                self.zoom = fitting.clamp(*ZOOM_RANGE.start(), *ZOOM_RANGE.end());
+            }
             let color = egui::ColorImage::from_rgb(size, image.image.as_raw());
             let texture =
                 ui.ctx()
@@ -117,7 +126,7 @@ impl FlowlineApp {
         }
         ui.horizontal(|ui| {
             ui.label(RichText::new("Image").strong());
-            ui.add(egui::Slider::new(&mut self.zoom, 0.5..=8.0).text("zoom"));
+            ui.add(egui::Slider::new(&mut self.zoom, ZOOM_RANGE).text("zoom"));
             if ui.button("Save Image…").clicked() {
                 self.dialogs.save_image();
             }

@@ -66,15 +66,17 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
     for (label, guider) in guiders {
         let integration = Integration::from_params(ctx, &guider, &start)?;
         let mut cells = Vec::new();
+        let mut figures = Vec::new();
         for &steps in &step_counts {
-            let cell = sweep_cell(ctx, &integration, &guider, &start, steps)?;
-            let _ = ctx.emit(NodeEvent::Info(format!(
-                "{label}, {}: {}",
-                steps_title(steps),
-                cell.caption.join(", ")
-            )));
+            let (cell, straightness, seconds) =
+                sweep_cell(ctx, &integration, &guider, &start, steps)?;
+            figures.push(format!("{steps}: {straightness:.3} in {seconds:.2} s"));
             cells.push(cell);
         }
+        let _ = ctx.emit(NodeEvent::Info(format!(
+            "{label}, straightness by steps: {}",
+            figures.join(", ")
+        )));
         rows.push(SheetRow {
             title: label,
             cells,
@@ -88,26 +90,27 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
     Ok(vec![Value::Image(Image(tensor_from_image(&sheet)?))])
 }
 
-/// One picture of the sweep: sampled in `steps` steps and decoded, with its straightness and
-/// the time both took.
+/// One picture of the sweep, sampled in `steps` steps and decoded, captioned with its path's
+/// straightness and the time both took; those two figures are returned beside it.
 fn sweep_cell(
     ctx: &mut NodeContext<'_>,
     integration: &Integration,
     guider: &Guider,
     start: &Latent,
     steps: usize,
-) -> anyhow::Result<SheetCell> {
+) -> anyhow::Result<(SheetCell, f64, f64)> {
     let began = Instant::now();
     let output = integration.run(ctx, guider, start, steps)?;
     let picture = guider.model.decode(&output.latent)?;
     let seconds = began.elapsed().as_secs_f64();
-    Ok(SheetCell {
+    let cell = SheetCell {
         image: image_from_tensor(&picture)?,
         caption: vec![
             format!("straightness {:.3}", output.straightness),
             format!("{seconds:.2} s"),
         ],
-    })
+    };
+    Ok((cell, output.straightness, seconds))
 }
 
 fn steps_title(steps: usize) -> String {
