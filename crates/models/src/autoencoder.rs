@@ -229,12 +229,7 @@ fn config(piece: &Piece, scale: f64, shift: f64) -> anyhow::Result<Config> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap()
-    }
+    use crate::test_support::largest_difference;
 
     #[test]
     fn tiles_of_a_local_map_blend_back_into_the_whole() {

@@ -256,23 +256,16 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
-    fn largest_difference(a: &Tensor, b: &Tensor) -> (f32, f32) {
-        let scale = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let difference = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        (difference, scale)
+    use crate::test_support::largest_difference;
+
+    /// The largest difference between `ours` and `reference`, and the reference's largest
+    /// magnitude.
+    fn compare(ours: &Tensor, reference: &Tensor) -> (f32, f32) {
+        let zero = reference.zeros_like().unwrap();
+        (
+            largest_difference(ours, reference),
+            largest_difference(reference, &zero),
+        )
     }
 
     #[test]
@@ -302,8 +295,7 @@ mod tests {
         let z = Tensor::randn(0f32, 1.0, (1, 16, 6, 10), &device).unwrap();
         let decoded = ours.forward(&z).unwrap();
         assert_eq!(decoded.dims(), [1, 3, 24, 40]);
-        let (difference, scale) =
-            largest_difference(&decoded, &reference_decoder.forward(&z).unwrap());
+        let (difference, scale) = compare(&decoded, &reference_decoder.forward(&z).unwrap());
         assert!(
             difference <= 1e-4 * scale.max(1.0),
             "decoder: {difference} of {scale}"
@@ -313,7 +305,7 @@ mod tests {
         let encoded = our_encoder.forward(&image).unwrap();
         assert_eq!(encoded.dims(), [1, 32, 6, 10]);
         let expected = reference_encoder.forward(&image).unwrap();
-        let (difference, scale) = largest_difference(&encoded, &expected);
+        let (difference, scale) = compare(&encoded, &expected);
         assert!(
             difference <= 1e-4 * scale.max(1.0),
             "encoder: {difference} of {scale}"

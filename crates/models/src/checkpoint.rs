@@ -326,10 +326,15 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Whether `needed` bytes fit in `available` (unknown: assumed to fit).
+pub fn fits(needed: u64, available: Option<u64>) -> bool {
+    available.is_none_or(|available| needed <= available)
+}
+
 /// An error when `needed` bytes exceed `available`, saying both and what to do.
 pub fn check_fits(what: &str, needed: u64, available: Option<u64>) -> Result<(), InputError> {
     match available {
-        Some(available) if needed > available => Err(InputError(format!(
+        Some(available) if !fits(needed, Some(available)) => Err(InputError(format!(
             "{what} needs about {} of memory but only {} is available; choose a smaller \
              precision (bf16 or f16 halve f32), close other programs, or use a GPU device",
             human_bytes(needed),

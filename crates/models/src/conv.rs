@@ -180,6 +180,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    use crate::test_support::largest_difference;
+
     #[test]
     fn it_equals_candles_convolution_with_bias() {
         let device = Device::Cpu;
@@ -196,14 +198,7 @@ mod tests {
                 .unwrap();
             let ours = Conv3x3::new(weight, bias).unwrap().forward(&x).unwrap();
             assert_eq!(ours.dims(), expected.dims());
-            let difference = (ours - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let difference = largest_difference(&ours, &expected);
             assert!(
                 difference < 1e-4,
                 "{batch}×{inputs}→{outputs}, {height}×{width}: {difference}"

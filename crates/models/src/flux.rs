@@ -23,7 +23,7 @@ use candle_transformers::models::flux::sampling::{State, unpack};
 use crate::autoencoder::{
     DTYPE as AUTOENCODER_DTYPE, LATENT_CHANNELS, LatentAutoencoder, check_latent_channels,
 };
-use crate::checkpoint::{Piece, available_memory, check_fits, human_bytes};
+use crate::checkpoint::{Piece, available_memory, check_fits, fits, human_bytes};
 use crate::locate::{Locator, WeightSpec};
 use crate::text_encoders::{
     CLIP_L, CLIP_TOKENIZER_NAMES, ClipEncoder, OnDemand, PromptTokenizer, T5_TOKENIZER_NAMES,
@@ -258,7 +258,7 @@ impl FluxModel {
                 + t5.loaded_bytes(t5_dtype(dtype))
         };
         let dtype = request.precision.resolve(&request.device, || {
-            check_fits("", bytes_at(DType::F32), available_memory()).is_ok()
+            fits(bytes_at(DType::F32), available_memory())
         });
         let needed = bytes_at(dtype);
         report(format!(

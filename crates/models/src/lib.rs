@@ -27,3 +27,16 @@ use flowline_engine::model::Family;
 
 /// The families this crate provides, in the order the Load Model node offers them.
 pub const FAMILIES: [Family; 4] = [flux::SCHNELL, flux::DEV, sd3::LARGE, sd3::MEDIUM];
+
+/// What the crate's unit tests share.
+#[cfg(test)]
+mod test_support {
+    use candle_core::Tensor;
+
+    /// The largest absolute difference between two tensors of one shape.
+    pub fn largest_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    }
+}

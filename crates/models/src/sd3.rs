@@ -23,7 +23,7 @@ use candle_transformers::models::mmdit::model::{Config as MmditConfig, MMDiT};
 use crate::autoencoder::{
     DTYPE as AUTOENCODER_DTYPE, LATENT_CHANNELS, LatentAutoencoder, check_latent_channels,
 };
-use crate::checkpoint::{Piece, available_memory, check_fits, human_bytes};
+use crate::checkpoint::{Piece, available_memory, check_fits, fits, human_bytes};
 use crate::locate::{Locator, WeightSpec};
 use crate::text_encoders::{
     CLIP_L, ClipSize, OnDemand, PenultimateClip, PromptTokenizer, T5_XXL, T5Encoder, Tokens,
@@ -330,7 +330,7 @@ impl Sd3Model {
                 + t5.as_ref().map_or(0, |p| p.loaded_bytes(t5_dtype(dtype)))
         };
         let dtype = request.precision.resolve(&request.device, || {
-            check_fits("", bytes_at(DType::F32), available_memory()).is_ok()
+            fits(bytes_at(DType::F32), available_memory())
         });
         let needed = bytes_at(dtype);
         report(format!(
