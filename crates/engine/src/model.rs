@@ -15,6 +15,10 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::InputError;
 
+/// An image side every family takes, at which a model's latent layout is asked for (to compare
+/// two models' latent spaces, or to check a latent read from a file).
+pub const LATENT_PROBE_SIDE: usize = 64;
+
 /// The distilled guidance FLUX.1 [dev] gets when the conditioning names none.
 pub const DEFAULT_DISTILLED_GUIDANCE: f64 = 3.5;
 

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use super::PortType;
 use crate::error::InputError;
 use crate::flow::guidance::Guidance;
-use crate::model::{Conditioning, FlowModel};
+use crate::model::{Conditioning, FlowModel, LATENT_PROBE_SIDE};
 
 /// A latent with the noise level it sits at (1 for pure noise, less for a source-image start).
 #[derive(Debug, Clone)]
@@ -109,9 +109,6 @@ impl ClassifierGuide {
         Ok((gradient * factor)?)
     }
 }
-
-/// The image side at which two models' latent shapes are compared (every family takes it).
-const LATENT_PROBE_SIDE: usize = 64;
 
 impl Guider {
     /// The guided velocity at `x`, `sigma`; the unconditional pass runs only when needed.

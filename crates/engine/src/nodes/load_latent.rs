@@ -9,12 +9,11 @@ use crate::error::InputError;
 use crate::graph::PortType;
 use crate::graph::spec::{NodeSpec, ParamSpec, PortSpec};
 use crate::graph::value::{Latent, Value};
+use crate::model::LATENT_PROBE_SIDE;
 use crate::nodes::context::{NodeContext, NodeDef};
 
 /// The tensor name ComfyUI's Save Latent writes; a file with one tensor may name it anything.
 const COMFYUI_LATENT: &str = "latent_tensor";
-/// The image side at which the model's latent layout is asked for (every family takes it).
-const PROBE_SIDE: usize = 64;
 
 pub fn definition() -> NodeDef {
     NodeDef {
@@ -73,7 +72,7 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
 /// gives some image.
 fn check_layout(model: &dyn crate::model::FlowModel, dims: &[usize]) -> Result<(), String> {
     let probe = model
-        .latent_shape(PROBE_SIDE, PROBE_SIDE)
+        .latent_shape(LATENT_PROBE_SIDE, LATENT_PROBE_SIDE)
         .map_err(|e| e.to_string())?;
     let [_, channels, height, width] = *dims else {
         return Err(format!(
@@ -86,7 +85,7 @@ fn check_layout(model: &dyn crate::model::FlowModel, dims: &[usize]) -> Result<(
             probe[1]
         ));
     }
-    let pixels_per_cell = PROBE_SIDE / probe[2];
+    let pixels_per_cell = LATENT_PROBE_SIDE / probe[2];
     let expected = model
         .latent_shape(width * pixels_per_cell, height * pixels_per_cell)
         .map_err(|e| format!("a {width}×{height} latent: {e}"))?;
