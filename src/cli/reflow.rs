@@ -16,11 +16,9 @@ use flowline_engine::model::FlowModel;
 use flowline_shapes::config::{CONFIG_FILE, SHIPPED_DIR, SHIPPED_GUIDE_DIR, WEIGHTS_FILE};
 use flowline_shapes::model::ShapesModel;
 use flowline_shapes::reflow::{Couplings, coupling_cases, generate};
-use flowline_shapes::train::{
-    CHECKPOINT_FILE, CHECKPOINT_STATE, OPTIMIZER_FILE, TrainSettings, Trainer,
-};
+use flowline_shapes::train::{CHECKPOINT_FILE, CHECKPOINT_STATE, OPTIMIZER_FILE, Trainer};
 
-use super::train::train_session;
+use super::train::{preset_arg, train_session};
 use super::{EXIT_BAD_INPUT, EXIT_FAILURE, TrainingSession, fail};
 
 #[derive(Args)]
@@ -72,14 +70,9 @@ pub fn reflow(args: ReflowArgs) -> ExitCode {
         .guide
         .clone()
         .unwrap_or_else(|| SHIPPED_GUIDE_DIR.into());
-    let preset = match args
-        .preset
-        .as_deref()
-        .map(TrainSettings::read_preset)
-        .transpose()
-    {
+    let preset = match preset_arg(args.preset.as_deref()) {
         Ok(preset) => preset,
-        Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
+        Err(code) => return code,
     };
     if let Err(e) = copy_teacher(&teacher, &args.out) {
         return fail(EXIT_BAD_INPUT, format!("{e:#}"));

@@ -36,17 +36,19 @@ pub struct TrainArgs {
 /// Steps per entry of the recorded loss history.
 const LOSS_BLOCK: usize = 100;
 
+/// The preset a `--preset FILE` option names, if any; a file that cannot be read is bad input.
+pub fn preset_arg(path: Option<&std::path::Path>) -> Result<Option<TrainSettings>, ExitCode> {
+    path.map(TrainSettings::read_preset)
+        .transpose()
+        .map_err(|e| fail(EXIT_BAD_INPUT, format!("{e:#}")))
+}
+
 pub fn train(args: TrainArgs) -> ExitCode {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let device = candle_core::Device::Cpu;
-    let preset = match args
-        .preset
-        .as_deref()
-        .map(TrainSettings::read_preset)
-        .transpose()
-    {
+    let preset = match preset_arg(args.preset.as_deref()) {
         Ok(preset) => preset,
-        Err(e) => return fail(EXIT_BAD_INPUT, format!("{e:#}")),
+        Err(code) => return code,
     };
     let trainer = if args.resume {
         Trainer::resume_toward(&args.out, &device, preset.as_ref())
