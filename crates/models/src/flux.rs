@@ -1,9 +1,9 @@
-//! FLUX.1 [schnell] and [dev] from the user's own files, run by candle-transformers' FLUX
-//! transformer and autoencoder under Flowline's sampler.
+//! FLUX.1 [schnell] and [dev] from the user's own files, run by Flowline's own transformer
+//! ([`crate::flux_network`]) and autoencoder under Flowline's sampler.
 //!
 //! Pieces: the transformer (`flux1-schnell.safetensors` / `flux1-dev.safetensors`, original
 //! layout, optionally inside a single-file checkpoint under `model.diffusion_model.`, or a
-//! quantized `.gguf` run by candle's quantized FLUX), the
+//! quantized `.gguf`, whose matrices stay quantized), the
 //! autoencoder (`ae.safetensors`), CLIP-L, T5-XXL and the two `tokenizer.json` files. Every
 //! network size is read from the tensor shapes, so pruned and tiny variants load as well.
 //!
@@ -15,15 +15,14 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::flux::WithForward;
-use candle_transformers::models::flux::model::{Config as TransformerConfig, Flux};
-use candle_transformers::models::flux::quantized_model::Flux as QuantizedFlux;
+use candle_transformers::models::flux::model::Config as TransformerConfig;
 use candle_transformers::models::flux::sampling::{State, unpack};
 
 use crate::autoencoder::{
     DTYPE as AUTOENCODER_DTYPE, LATENT_CHANNELS, LatentAutoencoder, check_latent_channels,
 };
 use crate::checkpoint::{Piece, available_memory, check_fits, fits, human_bytes};
+use crate::flux_network::{FluxTransformer, Weights};
 use crate::locate::{Locator, WeightSpec};
 use crate::text_encoders::{
     CLIP_L, CLIP_TOKENIZER_NAMES, ClipEncoder, OnDemand, PromptTokenizer, T5_TOKENIZER_NAMES,
@@ -191,9 +190,8 @@ struct TextStage {
 pub struct FluxModel {
     variant: Variant,
     /// The transformer, from safetensors or quantized from GGUF.
-    transformer: Box<dyn WithForward + Send + Sync>,
-    /// The precision the transformer computes at: the chosen one, or f32 for GGUF weights
-    /// (dequantized on the fly by candle's quantized FLUX).
+    transformer: FluxTransformer,
+    /// The precision the transformer computes at: the chosen one, or f32 for GGUF weights.
     network_dtype: DType,
     guidance_input: bool,
     autoencoder: LatentAutoencoder,
@@ -270,18 +268,19 @@ impl FluxModel {
             check_fits(variant.title(), needed, available_memory())?;
         }
         let device = &request.device;
-        let (network, network_dtype): (Box<dyn WithForward + Send + Sync>, DType) =
-            if transformer.is_gguf() {
-                let vb = transformer.quantized_var_builder(device)?;
-                let network = QuantizedFlux::new(&transformer_config, vb)
-                    .map_err(|e| transformer.load_error(e))?;
-                (Box::new(network), DType::F32)
-            } else {
-                let vb = transformer.var_builder(dtype, device)?;
-                let network =
-                    Flux::new(&transformer_config, vb).map_err(|e| transformer.load_error(e))?;
-                (Box::new(network), dtype)
-            };
+        let (weights, network_dtype) = if transformer.is_gguf() {
+            (
+                Weights::Quantized(transformer.quantized_var_builder(device)?),
+                DType::F32,
+            )
+        } else {
+            (
+                Weights::Plain(transformer.var_builder(dtype, device)?),
+                dtype,
+            )
+        };
+        let network = FluxTransformer::load(&transformer_config, &weights)
+            .map_err(|e| transformer.load_error(e))?;
         let autoencoder =
             LatentAutoencoder::load(&autoencoder, LATENT_SCALE, LATENT_SHIFT, device)?;
         let description = format!(

@@ -7,11 +7,12 @@
 //!
 //! Modules from the bottom up: [`checkpoint`] (reading safetensors and GGUF headers and
 //! weights, memory checks), [`locate`] (finding a model's pieces on disk and telling what a
-//! file holds), [`conv`] and [`autoencoder_networks`] (the autoencoder's networks, fast on the CPU), [`autoencoder`] and
-//! [`text_encoders`] (the pieces FLUX and SD3.5 share), the
-//! families [`flux`] and [`sd3`], [`discovery`] (models in the Hugging Face cache and
+//! file holds), [`conv`] and [`autoencoder_networks`] (the autoencoder's networks, fast on the CPU),
+//! [`vector_math`], [`attention`] and [`flux_network`] (FLUX's transformer, likewise), [`autoencoder`] and
+//! [`text_encoders`] (the pieces FLUX and SD3.5 share), the families [`flux`] and [`sd3`], [`discovery`] (models in the Hugging Face cache and
 //! ComfyUI-style folders), and [`comfyui`] (opening workflows, ComfyUI's converted).
 
+pub mod attention;
 pub mod autoencoder;
 pub mod autoencoder_networks;
 pub mod checkpoint;
@@ -19,9 +20,11 @@ pub mod comfyui;
 pub mod conv;
 pub mod discovery;
 pub mod flux;
+pub mod flux_network;
 pub mod locate;
 pub mod sd3;
 pub mod text_encoders;
+pub mod vector_math;
 
 use flowline_engine::model::Family;
 

@@ -1,0 +1,554 @@
+//! FLUX.1's transformer, Flowline's own, for plain and GGUF-quantized weights.
+//!
+//! The network is Black Forest Labs' (double-stream blocks, where image and text tokens keep
+//! their own weights but attend jointly, then single-stream blocks over the joined sequence)
+//! under the tensor names of their release, configured by candle-transformers' `Config` as
+//! [`crate::flux`] reads it from the files. It is Flowline's own rather than
+//! candle-transformers' for its attention: [`crate::attention`] keeps the 1.8 GB score matrix
+//! of a 1024² picture out of memory and prepares queries and keys in one pass, which made
+//! candle-transformers' network 1.2× slower than diffusers at 1024² on the CPU. The tests
+//! hold it to candle-transformers' network on the same weights. One definition serves weights
+//! from safetensors at any precision and from GGUF kept quantized ([`Weights`]).
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
+use candle_transformers::models::flux::model::Config;
+use candle_transformers::quantized_nn;
+use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
+
+use crate::attention::{HeadNorms, Rotary, attention, split_heads};
+use crate::vector_math::gelu;
+
+/// Where the transformer's weights come from.
+#[derive(Clone)]
+pub enum Weights {
+    /// Safetensors, converted to the builder's precision.
+    Plain(VarBuilder<'static>),
+    /// GGUF, matrices kept quantized and multiplied as such; the network computes in f32.
+    Quantized(QuantizedVarBuilder),
+}
+
+impl Weights {
+    fn pp(&self, name: impl ToString) -> Weights {
+        match self {
+            Weights::Plain(vb) => Weights::Plain(vb.pp(name)),
+            Weights::Quantized(vb) => Weights::Quantized(vb.pp(name)),
+        }
+    }
+
+    fn projection(
+        &self,
+        inputs: usize,
+        outputs: usize,
+        bias: bool,
+    ) -> candle_core::Result<Projection> {
+        Ok(match self {
+            Weights::Plain(vb) => {
+                Projection::Plain(candle_nn::linear_b(inputs, outputs, bias, vb.clone())?)
+            }
+            Weights::Quantized(vb) => {
+                Projection::Quantized(quantized_nn::linear_b(inputs, outputs, bias, vb.clone())?)
+            }
+        })
+    }
+
+    fn vector(&self, length: usize, name: &str) -> candle_core::Result<Tensor> {
+        match self {
+            Weights::Plain(vb) => vb.get(length, name),
+            Weights::Quantized(vb) => vb.get(length, name)?.dequantize(vb.device()),
+        }
+    }
+
+    /// The precision the network computes at.
+    fn dtype(&self) -> DType {
+        match self {
+            Weights::Plain(vb) => vb.dtype(),
+            Weights::Quantized(_) => DType::F32,
+        }
+    }
+
+    fn device(&self) -> &Device {
+        match self {
+            Weights::Plain(vb) => vb.device(),
+            Weights::Quantized(vb) => vb.device(),
+        }
+    }
+
+    /// A layer normalisation without learned scale or shift, as FLUX's blocks use.
+    fn plain_layer_norm(&self, width: usize) -> candle_core::Result<LayerNorm> {
+        let ones = Tensor::ones(width, self.dtype(), self.device())?;
+        Ok(LayerNorm::new_no_bias(ones, 1e-6))
+    }
+
+    fn head_norms(&self, width: usize) -> candle_core::Result<HeadNorms> {
+        HeadNorms::new(
+            self.vector(width, "query_norm.scale")?,
+            self.vector(width, "key_norm.scale")?,
+            1e-6,
+        )
+    }
+}
+
+/// A linear layer with plain or quantized weights.
+enum Projection {
+    Plain(candle_nn::Linear),
+    Quantized(quantized_nn::Linear),
+}
+
+impl Module for Projection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Projection::Plain(layer) => layer.forward(x),
+            Projection::Quantized(layer) => layer.forward(x),
+        }
+    }
+}
+
+/// FLUX.1's transformer: it takes the packed latent, the text tokens, the noise level and the
+/// pooled text vector and predicts the velocity for the packed latent.
+pub struct FluxTransformer {
+    img_in: Projection,
+    txt_in: Projection,
+    time_in: Embedder,
+    vector_in: Embedder,
+    guidance_in: Option<Embedder>,
+    double_blocks: Vec<DoubleBlock>,
+    single_blocks: Vec<SingleBlock>,
+    final_layer: FinalLayer,
+    /// The rotary embedding's channel pairs per position axis (image index, row, column).
+    axes: Vec<usize>,
+    theta: f64,
+}
+
+impl FluxTransformer {
+    pub fn load(config: &Config, weights: &Weights) -> candle_core::Result<Self> {
+        let hidden = config.hidden_size;
+        let double = weights.pp("double_blocks");
+        let single = weights.pp("single_blocks");
+        Ok(FluxTransformer {
+            img_in: weights
+                .pp("img_in")
+                .projection(config.in_channels, hidden, true)?,
+            txt_in: weights
+                .pp("txt_in")
+                .projection(config.context_in_dim, hidden, true)?,
+            time_in: Embedder::load(TIME_CHANNELS, hidden, &weights.pp("time_in"))?,
+            vector_in: Embedder::load(config.vec_in_dim, hidden, &weights.pp("vector_in"))?,
+            guidance_in: config
+                .guidance_embed
+                .then(|| Embedder::load(TIME_CHANNELS, hidden, &weights.pp("guidance_in")))
+                .transpose()?,
+            double_blocks: (0..config.depth)
+                .map(|index| DoubleBlock::load(config, &double.pp(index)))
+                .collect::<candle_core::Result<_>>()?,
+            single_blocks: (0..config.depth_single_blocks)
+                .map(|index| SingleBlock::load(config, &single.pp(index)))
+                .collect::<candle_core::Result<_>>()?,
+            final_layer: FinalLayer::load(hidden, config.in_channels, &weights.pp("final_layer"))?,
+            axes: config.axes_dim.iter().map(|width| width / 2).collect(),
+            theta: config.theta as f64,
+        })
+    }
+
+    /// The velocity for `img` `[batch, patches, channels]` at noise level `timesteps`
+    /// (`[batch]`, σ), given the text tokens `txt`, the pooled vector `y`, the positions of
+    /// both (`[batch, tokens, 3]`) and, for [dev], the distilled guidance strength.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        img_ids: &Tensor,
+        txt: &Tensor,
+        txt_ids: &Tensor,
+        timesteps: &Tensor,
+        y: &Tensor,
+        guidance: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let dtype = img.dtype();
+        let rotary = self.rotary(&Tensor::cat(&[txt_ids, img_ids], 1)?)?;
+        let mut txt = txt.apply(&self.txt_in)?;
+        let mut img = img.apply(&self.img_in)?;
+        let mut vector = self.time_in.forward(&time_channels(timesteps, dtype)?)?;
+        if let (Some(embedder), Some(strength)) = (&self.guidance_in, guidance) {
+            vector = (vector + embedder.forward(&time_channels(strength, dtype)?)?)?;
+        }
+        let vector = (vector + self.vector_in.forward(y)?)?;
+        for block in &self.double_blocks {
+            (img, txt) = block.forward(&img, &txt, &vector, &rotary)?;
+        }
+        let text_tokens = txt.dim(1)?;
+        let mut joined = Tensor::cat(&[&txt, &img], 1)?;
+        for block in &self.single_blocks {
+            joined = block.forward(&joined, &vector, &rotary)?;
+        }
+        let img = joined.narrow(1, text_tokens, joined.dim(1)? - text_tokens)?;
+        self.final_layer.forward(&img, &vector)
+    }
+
+    /// The rotary angles of every token from its position `[batch, tokens, 3]` (shared by
+    /// the batch): each axis turns its own share of a head's channel pairs, at frequencies
+    /// `θ^(−2i/width)` over that share.
+    fn rotary(&self, ids: &Tensor) -> candle_core::Result<Rotary> {
+        let positions = ids.get(0)?.to_dtype(DType::F32)?;
+        let tokens = positions.dim(0)?;
+        let per_axis = self
+            .axes
+            .iter()
+            .enumerate()
+            .map(|(axis, &pairs)| {
+                let frequencies: Vec<f32> = (0..pairs)
+                    .map(|i| self.theta.powf(-(i as f64) / pairs as f64) as f32)
+                    .collect();
+                let frequencies = Tensor::from_vec(frequencies, (1, pairs), ids.device())?;
+                positions
+                    .narrow(1, axis, 1)?
+                    .broadcast_mul(&frequencies)?
+                    .reshape((tokens, pairs))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let angles = Tensor::cat(&per_axis, 1)?;
+        Ok(Rotary {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+}
+
+/// Sinusoidal channels of the noise level (and of the distilled guidance strength).
+const TIME_CHANNELS: usize = 256;
+
+/// `[cos(1000·t·fᵢ), sin(1000·t·fᵢ)]` for frequencies `fᵢ = 10000^(−i/128)`.
+fn time_channels(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    let half = TIME_CHANNELS / 2;
+    let frequencies: Vec<f32> = (0..half)
+        .map(|i| (-(10_000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let frequencies = Tensor::from_vec(frequencies, (1, half), t.device())?;
+    let arguments =
+        (t.to_dtype(DType::F32)?.unsqueeze(1)? * 1000.0)?.broadcast_mul(&frequencies)?;
+    Tensor::cat(&[arguments.cos()?, arguments.sin()?], D::Minus1)?.to_dtype(dtype)
+}
+
+/// Two linear layers with a SiLU between: the noise level's, the guidance's and the pooled
+/// text vector's way into the model width.
+struct Embedder {
+    in_layer: Projection,
+    out_layer: Projection,
+}
+
+impl Embedder {
+    fn load(inputs: usize, width: usize, weights: &Weights) -> candle_core::Result<Self> {
+        Ok(Embedder {
+            in_layer: weights.pp("in_layer").projection(inputs, width, true)?,
+            out_layer: weights.pp("out_layer").projection(width, width, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.apply(&self.in_layer)?.silu()?.apply(&self.out_layer)
+    }
+}
+
+/// One adaptive-normalisation triple from the conditioning vector, each `[batch, 1, width]`.
+struct Modulation {
+    shift: Tensor,
+    scale: Tensor,
+    gate: Tensor,
+}
+
+impl Modulation {
+    /// `count` triples from `silu(vector)` through `layer`.
+    fn from_vector(
+        layer: &Projection,
+        vector: &Tensor,
+        count: usize,
+    ) -> candle_core::Result<Vec<Modulation>> {
+        let chunks = vector
+            .silu()?
+            .apply(layer)?
+            .unsqueeze(1)?
+            .chunk(3 * count, D::Minus1)?;
+        Ok(chunks
+            .chunks(3)
+            .map(|triple| Modulation {
+                shift: triple[0].clone(),
+                scale: triple[1].clone(),
+                gate: triple[2].clone(),
+            })
+            .collect())
+    }
+
+    fn scale_shift(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_mul(&(&self.scale + 1.0)?)?
+            .broadcast_add(&self.shift)
+    }
+
+    /// `residual + gate · update`.
+    fn gated_add(&self, residual: &Tensor, update: &Tensor) -> candle_core::Result<Tensor> {
+        residual + update.broadcast_mul(&self.gate)?
+    }
+}
+
+/// One stream (image or text) of a double block: its own modulation, attention projections
+/// and MLP.
+struct Stream {
+    modulation: Projection,
+    /// The parameter-free layer normalisation before the attention and before the MLP.
+    norm: LayerNorm,
+    qkv: Projection,
+    head_norms: HeadNorms,
+    projection: Projection,
+    mlp_in: Projection,
+    mlp_out: Projection,
+}
+
+impl Stream {
+    fn load(config: &Config, prefix: &str, weights: &Weights) -> candle_core::Result<Self> {
+        let width = config.hidden_size;
+        let mlp = (width as f64 * config.mlp_ratio) as usize;
+        let attention = weights.pp(format!("{prefix}_attn"));
+        let mlp_weights = weights.pp(format!("{prefix}_mlp"));
+        Ok(Stream {
+            modulation: weights.pp(format!("{prefix}_mod")).pp("lin").projection(
+                width,
+                6 * width,
+                true,
+            )?,
+            norm: weights.plain_layer_norm(width)?,
+            qkv: attention
+                .pp("qkv")
+                .projection(width, 3 * width, config.qkv_bias)?,
+            head_norms: attention.pp("norm").head_norms(width / config.num_heads)?,
+            projection: attention.pp("proj").projection(width, width, true)?,
+            mlp_in: mlp_weights.pp("0").projection(width, mlp, true)?,
+            mlp_out: mlp_weights.pp("2").projection(mlp, width, true)?,
+        })
+    }
+}
+
+/// A double-stream block: image and text tokens attend jointly, each with its own weights.
+struct DoubleBlock {
+    image: Stream,
+    text: Stream,
+    heads: usize,
+}
+
+impl DoubleBlock {
+    fn load(config: &Config, weights: &Weights) -> candle_core::Result<Self> {
+        Ok(DoubleBlock {
+            image: Stream::load(config, "img", weights)?,
+            text: Stream::load(config, "txt", weights)?,
+            heads: config.num_heads,
+        })
+    }
+
+    fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        vector: &Tensor,
+        rotary: &Rotary,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let text_tokens = txt.dim(1)?;
+        let image_tokens = img.dim(1)?;
+        let streams = [
+            (&self.text, txt, 0, text_tokens),
+            (&self.image, img, text_tokens, image_tokens),
+        ];
+        let mut modulations = Vec::with_capacity(2);
+        let mut heads = Vec::with_capacity(2);
+        for (stream, x, first, tokens) in streams {
+            let modulation = Modulation::from_vector(&stream.modulation, vector, 2)?;
+            let qkv = modulation[0]
+                .scale_shift(&x.apply(&stream.norm)?)?
+                .apply(&stream.qkv)?;
+            let rotary = Rotary {
+                cos: rotary.cos.narrow(0, first, tokens)?,
+                sin: rotary.sin.narrow(0, first, tokens)?,
+            };
+            heads.push(split_heads(&qkv, self.heads, &stream.head_norms, &rotary)?);
+            modulations.push(modulation);
+        }
+        let joined = |part: fn(&(Tensor, Tensor, Tensor)) -> &Tensor| {
+            Tensor::cat(&[part(&heads[0]), part(&heads[1])], 2)
+        };
+        let attended = attention(&joined(|h| &h.0)?, &joined(|h| &h.1)?, &joined(|h| &h.2)?)?;
+        let finish = |(stream, x, first, tokens): (&Stream, &Tensor, usize, usize),
+                      modulation: &[Modulation]| {
+            let attended = attended
+                .narrow(1, first, tokens)?
+                .apply(&stream.projection)?;
+            let x = modulation[0].gated_add(x, &attended)?;
+            let hidden = modulation[1]
+                .scale_shift(&x.apply(&stream.norm)?)?
+                .apply(&stream.mlp_in)?;
+            modulation[1].gated_add(&x, &gelu(&hidden)?.apply(&stream.mlp_out)?)
+        };
+        let txt = finish(streams[0], &modulations[0])?;
+        let img = finish(streams[1], &modulations[1])?;
+        Ok((img, txt))
+    }
+}
+
+/// A single-stream block over the joined text and image tokens: attention and MLP computed
+/// side by side from one projection.
+struct SingleBlock {
+    modulation: Projection,
+    norm: LayerNorm,
+    /// Projects to the attention's qkv and the MLP's hidden layer at once.
+    linear1: Projection,
+    /// Projects the attention's output and the MLP's activations back at once.
+    linear2: Projection,
+    head_norms: HeadNorms,
+    width: usize,
+    mlp: usize,
+    heads: usize,
+}
+
+impl SingleBlock {
+    fn load(config: &Config, weights: &Weights) -> candle_core::Result<Self> {
+        let width = config.hidden_size;
+        let mlp = (width as f64 * config.mlp_ratio) as usize;
+        Ok(SingleBlock {
+            modulation: weights
+                .pp("modulation")
+                .pp("lin")
+                .projection(width, 3 * width, true)?,
+            norm: weights.plain_layer_norm(width)?,
+            linear1: weights
+                .pp("linear1")
+                .projection(width, 3 * width + mlp, true)?,
+            linear2: weights.pp("linear2").projection(width + mlp, width, true)?,
+            head_norms: weights.pp("norm").head_norms(width / config.num_heads)?,
+            width,
+            mlp,
+            heads: config.num_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, vector: &Tensor, rotary: &Rotary) -> candle_core::Result<Tensor> {
+        let modulation = Modulation::from_vector(&self.modulation, vector, 1)?;
+        let modulation = &modulation[0];
+        let projected = modulation
+            .scale_shift(&x.apply(&self.norm)?)?
+            .apply(&self.linear1)?;
+        let qkv = projected.narrow(2, 0, 3 * self.width)?;
+        let (q, k, v) = split_heads(&qkv, self.heads, &self.head_norms, rotary)?;
+        let mlp = gelu(&projected.narrow(2, 3 * self.width, self.mlp)?)?;
+        let output = Tensor::cat(&[attention(&q, &k, &v)?, mlp], 2)?.apply(&self.linear2)?;
+        modulation.gated_add(x, &output)
+    }
+}
+
+/// The final adaptive normalisation and projection back to packed latent channels.
+struct FinalLayer {
+    norm: LayerNorm,
+    modulation: Projection,
+    linear: Projection,
+}
+
+impl FinalLayer {
+    fn load(width: usize, channels: usize, weights: &Weights) -> candle_core::Result<Self> {
+        Ok(FinalLayer {
+            norm: weights.plain_layer_norm(width)?,
+            modulation: weights
+                .pp("adaLN_modulation.1")
+                .projection(width, 2 * width, true)?,
+            linear: weights.pp("linear").projection(width, channels, true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, vector: &Tensor) -> candle_core::Result<Tensor> {
+        let chunks = vector
+            .silu()?
+            .apply(&self.modulation)?
+            .unsqueeze(1)?
+            .chunk(2, D::Minus1)?;
+        let (shift, scale) = (&chunks[0], &chunks[1]);
+        x.apply(&self.norm)?
+            .broadcast_mul(&(scale + 1.0)?)?
+            .broadcast_add(shift)?
+            .apply(&self.linear)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+    use candle_transformers::models::flux::WithForward;
+    use candle_transformers::models::flux::model::Flux;
+    use candle_transformers::models::flux::sampling::State;
+
+    use crate::test_support::largest_difference;
+
+    #[test]
+    fn it_predicts_what_candle_transformers_flux_predicts_from_the_same_weights() {
+        let device = Device::Cpu;
+        for guidance_embed in [false, true] {
+            let config = Config {
+                in_channels: 64,
+                vec_in_dim: 24,
+                context_in_dim: 40,
+                hidden_size: 64,
+                mlp_ratio: 4.0,
+                num_heads: 2,
+                depth: 2,
+                depth_single_blocks: 2,
+                axes_dim: vec![4, 14, 14],
+                theta: 10_000,
+                qkv_bias: true,
+                guidance_embed,
+            };
+            // candle-transformers' network fills the variables with its initialisation; ours
+            // reads the same variables.
+            let variables = VarMap::new();
+            let vb = VarBuilder::from_varmap(&variables, DType::F32, &device);
+            let reference = Flux::new(&config, vb.clone()).unwrap();
+            // The layer initialisation leaves the QK-norm scales at one: vary them too.
+            for (name, variable) in variables.data().lock().unwrap().iter() {
+                if name.ends_with("norm.scale") {
+                    let varied = Tensor::randn(1f32, 0.3, variable.dims(), &device).unwrap();
+                    variable.set(&varied).unwrap();
+                }
+            }
+            let ours = FluxTransformer::load(&config, &Weights::Plain(vb)).unwrap();
+            let latent = Tensor::randn(0f32, 1.0, (1, 16, 12, 20), &device).unwrap();
+            let text = Tensor::randn(0f32, 1.0, (1, 7, 40), &device).unwrap();
+            let pooled = Tensor::randn(0f32, 1.0, (1, 24), &device).unwrap();
+            let state = State::new(&text, &pooled, &latent).unwrap();
+            let timesteps = Tensor::new(&[0.7f32], &device).unwrap();
+            let strength = Tensor::new(&[3.5f32], &device).unwrap();
+            let guidance = guidance_embed.then_some(&strength);
+            let expected = reference
+                .forward(
+                    &state.img,
+                    &state.img_ids,
+                    &state.txt,
+                    &state.txt_ids,
+                    &timesteps,
+                    &state.vec,
+                    guidance,
+                )
+                .unwrap();
+            let predicted = ours
+                .forward(
+                    &state.img,
+                    &state.img_ids,
+                    &state.txt,
+                    &state.txt_ids,
+                    &timesteps,
+                    &state.vec,
+                    guidance,
+                )
+                .unwrap();
+            assert_eq!(predicted.dims(), expected.dims());
+            let scale = largest_difference(&expected, &expected.zeros_like().unwrap());
+            let difference = largest_difference(&predicted, &expected);
+            assert!(
+                difference < 1e-4 * scale.max(1.0),
+                "guidance {guidance_embed}: {difference} against values up to {scale}"
+            );
+        }
+    }
+}
