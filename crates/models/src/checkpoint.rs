@@ -13,12 +13,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
 use serde::Deserialize;
 
 use flowline_engine::error::InputError;
+
+use crate::parallel_load::ParallelSafetensors;
 
 /// File extensions of pickle-based checkpoints.
 const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
@@ -272,8 +275,10 @@ impl Piece {
     ) -> anyhow::Result<VarBuilder<'static>> {
         // SAFETY: the files are mapped read-only; like every tool that memory-maps weights,
         // Flowline assumes nobody rewrites a weight file while it is being loaded.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&self.files, dtype, device) }
+        let mapped = unsafe { MmapedSafetensors::multi(&self.files) }
             .map_err(|e| InputError(format!("cannot map {}: {e}", self.location())))?;
+        let vb =
+            VarBuilder::from_backend(Box::new(ParallelSafetensors(mapped)), dtype, device.clone());
         Ok(match self.prefix.strip_suffix('.') {
             Some(prefix) => vb.pp(prefix),
             None => vb,
