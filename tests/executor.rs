@@ -551,17 +551,28 @@ fn a_step_sweep_lays_out_the_pictures_the_sampler_draws_with_each_step_count() {
     let dir = tempfile::tempdir().unwrap();
     let mut executor = Executor::spawn();
     let mut pictures = Vec::new();
-    for steps in [1, 3] {
+    // The trained model, whose paths bend enough for the schedule to change a 3-step picture
+    // (the exemplar model's become straight lines at once).
+    let trained = || {
         let mut workflow = default_workflow();
+        workflow.apply_assignment("model.family=shapes").unwrap();
         workflow
-            .apply_assignment(&format!("sampler.steps={steps}"))
-            .unwrap();
+    };
+    for (steps, shift) in [(1, 3), (3, 3), (3, 6)] {
+        let mut workflow = trained();
+        for assignment in [
+            format!("sampler.steps={steps}"),
+            format!("sampler.shift={shift}"),
+        ] {
+            workflow.apply_assignment(&assignment).unwrap();
+        }
         let run = executor.run(workflow.graph, env(&dir));
         pictures.push(saved_image(&events_of(&executor, run)));
     }
 
-    // The same graph with a sweep in place of Sampler → Decode, both rows on the same guider.
-    let mut graph = default_workflow().graph;
+    // The same graph with a sweep in place of Sampler → Decode, both rows on the same guider,
+    // the second on a schedule shifted by 6.
+    let mut graph = trained().graph;
     graph
         .links
         .retain(|l| !matches!(l.to.node.as_str(), "sampler" | "decode" | "save"));
@@ -575,6 +586,7 @@ fn a_step_sweep_lays_out_the_pictures_the_sampler_draws_with_each_step_count() {
         params: [
             ("steps".to_string(), ParamValue::Text("1, 3".into())),
             ("label_b".to_string(), ParamValue::Text("again".into())),
+            ("shift_b".to_string(), ParamValue::Float(6.0)),
         ]
         .into(),
     });
@@ -601,15 +613,26 @@ fn a_step_sweep_lays_out_the_pictures_the_sampler_draws_with_each_step_count() {
         "{events:?}"
     );
     let sheet = saved_image(&events);
-    // 64² pictures are drawn at 128²: each step count's picture once per row, in its column.
+    // 64² pictures are drawn at 128²: the 1-step picture (which no shift changes) in both
+    // rows of its column, each row's 3-step picture at its own shift right of it.
     let one = places_of(&sheet, &pictures[0], 2);
     let three = places_of(&sheet, &pictures[1], 2);
+    let three_shifted = places_of(&sheet, &pictures[2], 2);
     assert_eq!(one.len(), 2, "the 1-step picture at {one:?}");
-    assert_eq!(three.len(), 2, "the 3-step picture at {three:?}");
+    assert_eq!(three.len(), 1, "the 3-step picture at {three:?}");
+    assert_eq!(
+        three_shifted.len(),
+        1,
+        "the shifted 3-step picture at {three_shifted:?}"
+    );
     assert_eq!(one[0].0, one[1].0, "one column");
     assert!(
         three[0].0 > one[0].0 && three[0].1 == one[0].1,
-        "1 step left of 3 steps"
+        "1 step left of 3 steps in the first row"
+    );
+    assert!(
+        three_shifted[0].0 == three[0].0 && three_shifted[0].1 == one[1].1,
+        "the shifted 3 steps in the second row"
     );
     // Every run streamed its steps: 1 + 3 per row.
     let steps = events

@@ -124,6 +124,15 @@ impl Integration {
         })
     }
 
+    /// The same integration with the shifted scheduler's shift set to `shift` (other
+    /// schedulers unchanged): a second model may be at its best on another schedule.
+    pub(super) fn with_shift(mut self, shift: f64) -> Integration {
+        if let Scheduler::Shifted { .. } = self.scheduler {
+            self.scheduler = Scheduler::Shifted { shift };
+        }
+        self
+    }
+
     /// Integrates `start` in `steps` steps with `guider`'s velocity, streaming each step as
     /// the guider's model previews it.
     pub(super) fn run(

@@ -28,6 +28,14 @@ pub fn definition() -> NodeDef {
         ParamSpec::text("label", false, "model A", "title of the guider's row"),
         ParamSpec::text("label_b", false, "model B", "title of guider_b's row")
             .when(|view, _| view.is_connected("guider_b")),
+        ParamSpec::float(
+            "shift_b",
+            0.01,
+            100.0,
+            3.0,
+            "shifted: guider_b's shift (a few-step model may want its own)",
+        )
+        .when(|view, _| view.is_connected("guider_b") && view.text("scheduler") == "shifted"),
     ]);
     NodeDef {
         spec: NodeSpec {
@@ -58,13 +66,19 @@ fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
         ))
         .into());
     }
-    let mut guiders = vec![(ctx.text("label").to_string(), ctx.guider("guider")?)];
+    let first = ctx.guider("guider")?;
+    let mut guiders = vec![(
+        ctx.text("label").to_string(),
+        Integration::from_params(ctx, &first, &start)?,
+        first,
+    )];
     if let Some(second) = ctx.optional_guider("guider_b")? {
-        guiders.push((ctx.text("label_b").to_string(), second));
+        let integration =
+            Integration::from_params(ctx, &second, &start)?.with_shift(ctx.float("shift_b"));
+        guiders.push((ctx.text("label_b").to_string(), integration, second));
     }
     let mut rows = Vec::new();
-    for (label, guider) in guiders {
-        let integration = Integration::from_params(ctx, &guider, &start)?;
+    for (label, integration, guider) in guiders {
         let mut cells = Vec::new();
         let mut figures = Vec::new();
         for &steps in &step_counts {
