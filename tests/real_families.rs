@@ -768,15 +768,21 @@ fn quantized_gguf_transformers_run_close_to_their_safetensors_original() {
     }
 }
 
-/// An fp8 (e4m3) single-file transformer, as ComfyUI users have them, loads (upcast to the
-/// model's precision) and runs close to its original.
+/// An fp8 (e4m3) single-file transformer, as ComfyUI users have them, loads (its matrices kept
+/// in fp8, each upcast to the model's precision when its layer runs) and runs close to its
+/// original.
 #[test]
 fn an_fp8_transformer_runs_close_to_its_original() {
     flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
-    let (stray, _) = stray_from_original(dir.path(), "fp8", |folder| {
+    let (stray, described) = stray_from_original(dir.path(), "fp8", |folder| {
         flux_transformer(false, "").save_fp8(&folder.join("flux1-schnell-fp8-e4m3fn.safetensors"))
     });
+    // The matrices stay fp8 in memory, each upcast when its layer runs.
+    assert!(
+        described.contains("fp8 matrices upcast to F32 per layer"),
+        "{described}"
+    );
     assert!(stray > 0.0, "fp8 weights cannot be exact");
     assert!(stray < 0.1, "strays by {stray}");
 }

@@ -249,15 +249,22 @@ impl Piece {
     /// Bytes the piece takes once loaded as `dtype` (integer tensors keep their size, GGUF
     /// tensors stay quantized).
     pub fn loaded_bytes(&self, dtype: DType) -> u64 {
+        self.loaded_bytes_keeping(dtype, &BTreeSet::new())
+    }
+
+    /// [`Piece::loaded_bytes`] with the tensors named in `kept` (full names, as
+    /// [`Piece::fp8_matrices`] gives them) staying as stored.
+    pub fn loaded_bytes_keeping(&self, dtype: DType, kept: &BTreeSet<String>) -> u64 {
         self.tensors
-            .values()
-            .map(|t| {
+            .iter()
+            .map(|(name, t)| {
                 if let Some(bytes) = t.quantized_bytes {
                     return bytes;
                 }
                 let stored = t.stored_bytes_per_value().unwrap_or(4);
                 let floating = t.dtype.starts_with('F') || t.dtype == "BF16";
-                let per_value = if floating {
+                let as_stored = kept.contains(&format!("{}{name}", self.prefix));
+                let per_value = if floating && !as_stored {
                     dtype.size_in_bytes()
                 } else {
                     stored
@@ -265,6 +272,17 @@ impl Piece {
                 (t.values() * per_value) as u64
             })
             .sum()
+    }
+
+    /// Full names (prefix included) of the matrices stored as fp8 (e4m3), as ComfyUI's
+    /// `*_fp8_e4m3fn` checkpoints hold their linear layers: a network may keep them so and
+    /// upcast one layer at a time.
+    pub fn fp8_matrices(&self) -> BTreeSet<String> {
+        self.tensors
+            .iter()
+            .filter(|(_, t)| t.dtype == "F8_E4M3" && t.shape.len() == 2)
+            .map(|(name, _)| format!("{}{name}", self.prefix))
+            .collect()
     }
 
     /// A variable builder over the piece, memory-mapped, converting to `dtype` on `device`.

@@ -249,8 +249,10 @@ impl FluxModel {
         check_packed_channels(&transformer, &transformer_config, &autoencoder)?;
         check_agreement_text(&transformer, &transformer_config, &clip, &t5)?;
 
+        // fp8 matrices stay fp8, upcast a layer at a time.
+        let fp8_matrices = transformer.fp8_matrices();
         let bytes_at = |dtype| {
-            transformer.loaded_bytes(dtype)
+            transformer.loaded_bytes_keeping(dtype, &fp8_matrices)
                 + autoencoder.loaded_bytes(AUTOENCODER_DTYPE)
                 + clip.loaded_bytes(dtype)
                 + t5.loaded_bytes(t5_dtype(dtype))
@@ -268,16 +270,29 @@ impl FluxModel {
             check_fits(variant.title(), needed, available_memory())?;
         }
         let device = &request.device;
+        let stored = if transformer.is_gguf() {
+            "quantized GGUF".to_string()
+        } else if fp8_matrices.is_empty() {
+            format!("{dtype:?}")
+        } else {
+            format!("fp8 matrices upcast to {dtype:?} per layer")
+        };
         let (weights, network_dtype) = if transformer.is_gguf() {
             (
                 Weights::Quantized(transformer.quantized_var_builder(device)?),
                 DType::F32,
             )
-        } else {
+        } else if fp8_matrices.is_empty() {
             (
                 Weights::Plain(transformer.var_builder(dtype, device)?),
                 dtype,
             )
+        } else {
+            let weights = Weights::Fp8 {
+                vb: transformer.var_builder(dtype, device)?,
+                matrices: Arc::new(fp8_matrices),
+            };
+            (weights, dtype)
         };
         let network = FluxTransformer::load(&transformer_config, &weights)
             .map_err(|e| transformer.load_error(e))?;
@@ -289,11 +304,7 @@ impl FluxModel {
             transformer_config.depth,
             transformer_config.depth_single_blocks,
             transformer_config.hidden_size,
-            if transformer.is_gguf() {
-                "quantized GGUF".to_string()
-            } else {
-                format!("{dtype:?}")
-            },
+            stored,
             device.location(),
             human_bytes(needed)
         );

@@ -8,7 +8,11 @@
 //! of a 1024² picture out of memory and prepares queries and keys in one pass, which made
 //! candle-transformers' network 1.2× slower than diffusers at 1024² on the CPU. The tests
 //! hold it to candle-transformers' network on the same weights. One definition serves weights
-//! from safetensors at any precision and from GGUF kept quantized ([`Weights`]).
+//! from safetensors at any precision, fp8 matrices kept as stored and upcast one layer at a
+//! time (half the memory of bf16), and GGUF kept quantized ([`Weights`]).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
@@ -24,6 +28,12 @@ use crate::vector_math::gelu;
 pub enum Weights {
     /// Safetensors, converted to the builder's precision.
     Plain(VarBuilder<'static>),
+    /// Safetensors whose `matrices` (full tensor names) are fp8 and stay so in memory, each
+    /// upcast to the builder's precision when its layer runs; everything else as `Plain`.
+    Fp8 {
+        vb: VarBuilder<'static>,
+        matrices: Arc<BTreeSet<String>>,
+    },
     /// GGUF, matrices kept quantized and multiplied as such; the network computes in f32.
     Quantized(QuantizedVarBuilder),
 }
@@ -32,6 +42,10 @@ impl Weights {
     fn pp(&self, name: impl ToString) -> Weights {
         match self {
             Weights::Plain(vb) => Weights::Plain(vb.pp(name)),
+            Weights::Fp8 { vb, matrices } => Weights::Fp8 {
+                vb: vb.pp(name),
+                matrices: matrices.clone(),
+            },
             Weights::Quantized(vb) => Weights::Quantized(vb.pp(name)),
         }
     }
@@ -43,7 +57,23 @@ impl Weights {
         bias: bool,
     ) -> candle_core::Result<Projection> {
         Ok(match self {
-            Weights::Plain(vb) => {
+            Weights::Fp8 { vb, matrices }
+                if matrices.contains(&format!("{}.weight", vb.prefix())) =>
+            {
+                let weight = vb.get_with_hints_dtype(
+                    (outputs, inputs),
+                    "weight",
+                    candle_nn::Init::Const(0.0),
+                    DType::F8E4M3,
+                )?;
+                let bias = bias.then(|| vb.get(outputs, "bias")).transpose()?;
+                Projection::Upcast {
+                    weight,
+                    bias,
+                    dtype: vb.dtype(),
+                }
+            }
+            Weights::Plain(vb) | Weights::Fp8 { vb, .. } => {
                 Projection::Plain(candle_nn::linear_b(inputs, outputs, bias, vb.clone())?)
             }
             Weights::Quantized(vb) => {
@@ -54,7 +84,7 @@ impl Weights {
 
     fn vector(&self, length: usize, name: &str) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Plain(vb) => vb.get(length, name),
+            Weights::Plain(vb) | Weights::Fp8 { vb, .. } => vb.get(length, name),
             Weights::Quantized(vb) => vb.get(length, name)?.dequantize(vb.device()),
         }
     }
@@ -62,14 +92,14 @@ impl Weights {
     /// The precision the network computes at.
     fn dtype(&self) -> DType {
         match self {
-            Weights::Plain(vb) => vb.dtype(),
+            Weights::Plain(vb) | Weights::Fp8 { vb, .. } => vb.dtype(),
             Weights::Quantized(_) => DType::F32,
         }
     }
 
     fn device(&self) -> &Device {
         match self {
-            Weights::Plain(vb) => vb.device(),
+            Weights::Plain(vb) | Weights::Fp8 { vb, .. } => vb.device(),
             Weights::Quantized(vb) => vb.device(),
         }
     }
@@ -89,9 +119,15 @@ impl Weights {
     }
 }
 
-/// A linear layer with plain or quantized weights.
+/// A linear layer with plain, fp8 or quantized weights.
 enum Projection {
     Plain(candle_nn::Linear),
+    /// fp8 weights, upcast to `dtype` for each product and dropped after it.
+    Upcast {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        dtype: DType,
+    },
     Quantized(quantized_nn::Linear),
 }
 
@@ -99,6 +135,11 @@ impl Module for Projection {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Projection::Plain(layer) => layer.forward(x),
+            Projection::Upcast {
+                weight,
+                bias,
+                dtype,
+            } => candle_nn::Linear::new(weight.to_dtype(*dtype)?, bias.clone()).forward(x),
             Projection::Quantized(layer) => layer.forward(x),
         }
     }
@@ -482,24 +523,56 @@ mod tests {
 
     use crate::test_support::largest_difference;
 
+    fn tiny_config(guidance_embed: bool) -> Config {
+        Config {
+            in_channels: 64,
+            vec_in_dim: 24,
+            context_in_dim: 40,
+            hidden_size: 64,
+            mlp_ratio: 4.0,
+            num_heads: 2,
+            depth: 2,
+            depth_single_blocks: 2,
+            axes_dim: vec![4, 14, 14],
+            theta: 10_000,
+            qkv_bias: true,
+            guidance_embed,
+        }
+    }
+
+    /// Random inputs: a packed 12×20 latent, 7 text tokens, a pooled vector, σ = 0.7.
+    fn inputs() -> (State, Tensor) {
+        let device = Device::Cpu;
+        let latent = Tensor::randn(0f32, 1.0, (1, 16, 12, 20), &device).unwrap();
+        let text = Tensor::randn(0f32, 1.0, (1, 7, 40), &device).unwrap();
+        let pooled = Tensor::randn(0f32, 1.0, (1, 24), &device).unwrap();
+        let state = State::new(&text, &pooled, &latent).unwrap();
+        (state, Tensor::new(&[0.7f32], &device).unwrap())
+    }
+
+    fn predict(
+        network: &FluxTransformer,
+        (state, timesteps): &(State, Tensor),
+        guidance: Option<&Tensor>,
+    ) -> Tensor {
+        network
+            .forward(
+                &state.img,
+                &state.img_ids,
+                &state.txt,
+                &state.txt_ids,
+                timesteps,
+                &state.vec,
+                guidance,
+            )
+            .unwrap()
+    }
+
     #[test]
     fn it_predicts_what_candle_transformers_flux_predicts_from_the_same_weights() {
         let device = Device::Cpu;
         for guidance_embed in [false, true] {
-            let config = Config {
-                in_channels: 64,
-                vec_in_dim: 24,
-                context_in_dim: 40,
-                hidden_size: 64,
-                mlp_ratio: 4.0,
-                num_heads: 2,
-                depth: 2,
-                depth_single_blocks: 2,
-                axes_dim: vec![4, 14, 14],
-                theta: 10_000,
-                qkv_bias: true,
-                guidance_embed,
-            };
+            let config = tiny_config(guidance_embed);
             // candle-transformers' network fills the variables with its initialisation; ours
             // reads the same variables.
             let variables = VarMap::new();
@@ -513,35 +586,22 @@ mod tests {
                 }
             }
             let ours = FluxTransformer::load(&config, &Weights::Plain(vb)).unwrap();
-            let latent = Tensor::randn(0f32, 1.0, (1, 16, 12, 20), &device).unwrap();
-            let text = Tensor::randn(0f32, 1.0, (1, 7, 40), &device).unwrap();
-            let pooled = Tensor::randn(0f32, 1.0, (1, 24), &device).unwrap();
-            let state = State::new(&text, &pooled, &latent).unwrap();
-            let timesteps = Tensor::new(&[0.7f32], &device).unwrap();
+            let inputs = inputs();
             let strength = Tensor::new(&[3.5f32], &device).unwrap();
             let guidance = guidance_embed.then_some(&strength);
+            let (state, timesteps) = &inputs;
             let expected = reference
                 .forward(
                     &state.img,
                     &state.img_ids,
                     &state.txt,
                     &state.txt_ids,
-                    &timesteps,
+                    timesteps,
                     &state.vec,
                     guidance,
                 )
                 .unwrap();
-            let predicted = ours
-                .forward(
-                    &state.img,
-                    &state.img_ids,
-                    &state.txt,
-                    &state.txt_ids,
-                    &timesteps,
-                    &state.vec,
-                    guidance,
-                )
-                .unwrap();
+            let predicted = predict(&ours, &inputs, guidance);
             assert_eq!(predicted.dims(), expected.dims());
             let scale = largest_difference(&expected, &expected.zeros_like().unwrap());
             let difference = largest_difference(&predicted, &expected);
@@ -550,5 +610,63 @@ mod tests {
                 "guidance {guidance_embed}: {difference} against values up to {scale}"
             );
         }
+    }
+
+    #[test]
+    fn fp8_matrices_kept_and_upcast_per_layer_predict_as_upcast_at_load() {
+        let device = Device::Cpu;
+        let config = tiny_config(false);
+        let variables = VarMap::new();
+        Flux::new(
+            &config,
+            VarBuilder::from_varmap(&variables, DType::F32, &device),
+        )
+        .unwrap();
+        // The checkpoint as ComfyUI's fp8 files are: the matrices in fp8, the rest in bf16.
+        let tensors: std::collections::HashMap<String, Tensor> = variables
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(name, variable)| {
+                let dtype = if variable.rank() == 2 {
+                    DType::F8E4M3
+                } else {
+                    DType::BF16
+                };
+                (name.clone(), variable.as_tensor().to_dtype(dtype).unwrap())
+            })
+            .collect();
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("flux-fp8.safetensors");
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let matrices: BTreeSet<String> = tensors
+            .iter()
+            .filter(|(_, t)| t.dtype() == DType::F8E4M3)
+            .map(|(name, _)| name.clone())
+            .collect();
+        assert!(matrices.len() > 20);
+        // SAFETY: the test's own file, not changed while mapped.
+        let vb =
+            unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &device) }.unwrap();
+        let at_load = FluxTransformer::load(&config, &Weights::Plain(vb.clone())).unwrap();
+        let weights = Weights::Fp8 {
+            vb,
+            matrices: Arc::new(matrices),
+        };
+        let per_layer = FluxTransformer::load(&config, &weights).unwrap();
+        let kept_in_fp8 = |projection: &Projection| matches!(projection, Projection::Upcast { weight, .. } if weight.dtype() == DType::F8E4M3);
+        for block in &per_layer.double_blocks {
+            assert!(kept_in_fp8(&block.image.qkv) && kept_in_fp8(&block.text.mlp_out));
+        }
+        for block in &per_layer.single_blocks {
+            assert!(kept_in_fp8(&block.linear1) && kept_in_fp8(&block.linear2));
+        }
+        let inputs = inputs();
+        let difference = largest_difference(
+            &predict(&per_layer, &inputs, None),
+            &predict(&at_load, &inputs, None),
+        );
+        assert!(difference < 1e-6, "{difference}");
     }
 }
