@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::flux::WithForward;
 use candle_transformers::models::flux::model::Config as TransformerConfig;
 use candle_transformers::models::flux::sampling::{State, unpack};
 

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, VarBuilder};
+use candle_transformers::models::flux::WithForward;
 use candle_transformers::models::flux::model::Config;
 use candle_transformers::quantized_nn;
 use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
@@ -191,11 +192,41 @@ impl FluxTransformer {
         })
     }
 
+    /// The rotary angles of every token from its position `[batch, tokens, 3]` (shared by
+    /// the batch): each axis turns its own share of a head's channel pairs, at frequencies
+    /// `θ^(−2i/width)` over that share.
+    fn rotary(&self, ids: &Tensor) -> candle_core::Result<Rotary> {
+        let positions = ids.get(0)?.to_dtype(DType::F32)?;
+        let tokens = positions.dim(0)?;
+        let per_axis = self
+            .axes
+            .iter()
+            .enumerate()
+            .map(|(axis, &pairs)| {
+                let frequencies: Vec<f32> = (0..pairs)
+                    .map(|i| self.theta.powf(-(i as f64) / pairs as f64) as f32)
+                    .collect();
+                let frequencies = Tensor::from_vec(frequencies, (1, pairs), ids.device())?;
+                positions
+                    .narrow(1, axis, 1)?
+                    .broadcast_mul(&frequencies)?
+                    .reshape((tokens, pairs))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let angles = Tensor::cat(&per_axis, 1)?;
+        Ok(Rotary {
+            cos: angles.cos()?,
+            sin: angles.sin()?,
+        })
+    }
+}
+
+/// candle-transformers' interface for FLUX networks, which its samplers call.
+impl WithForward for FluxTransformer {
     /// The velocity for `img` `[batch, patches, channels]` at noise level `timesteps`
     /// (`[batch]`, σ), given the text tokens `txt`, the pooled vector `y`, the positions of
     /// both (`[batch, tokens, 3]`) and, for [dev], the distilled guidance strength.
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
+    fn forward(
         &self,
         img: &Tensor,
         img_ids: &Tensor,
@@ -224,34 +255,6 @@ impl FluxTransformer {
         }
         let img = joined.narrow(1, text_tokens, joined.dim(1)? - text_tokens)?;
         self.final_layer.forward(&img, &vector)
-    }
-
-    /// The rotary angles of every token from its position `[batch, tokens, 3]` (shared by
-    /// the batch): each axis turns its own share of a head's channel pairs, at frequencies
-    /// `θ^(−2i/width)` over that share.
-    fn rotary(&self, ids: &Tensor) -> candle_core::Result<Rotary> {
-        let positions = ids.get(0)?.to_dtype(DType::F32)?;
-        let tokens = positions.dim(0)?;
-        let per_axis = self
-            .axes
-            .iter()
-            .enumerate()
-            .map(|(axis, &pairs)| {
-                let frequencies: Vec<f32> = (0..pairs)
-                    .map(|i| self.theta.powf(-(i as f64) / pairs as f64) as f32)
-                    .collect();
-                let frequencies = Tensor::from_vec(frequencies, (1, pairs), ids.device())?;
-                positions
-                    .narrow(1, axis, 1)?
-                    .broadcast_mul(&frequencies)?
-                    .reshape((tokens, pairs))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let angles = Tensor::cat(&per_axis, 1)?;
-        Ok(Rotary {
-            cos: angles.cos()?,
-            sin: angles.sin()?,
-        })
     }
 }
 
@@ -517,7 +520,6 @@ impl FinalLayer {
 mod tests {
     use super::*;
     use candle_nn::VarMap;
-    use candle_transformers::models::flux::WithForward;
     use candle_transformers::models::flux::model::Flux;
     use candle_transformers::models::flux::sampling::State;
 
@@ -551,7 +553,7 @@ mod tests {
     }
 
     fn predict(
-        network: &FluxTransformer,
+        network: &dyn WithForward,
         (state, timesteps): &(State, Tensor),
         guidance: Option<&Tensor>,
     ) -> Tensor {
@@ -589,18 +591,7 @@ mod tests {
             let inputs = inputs();
             let strength = Tensor::new(&[3.5f32], &device).unwrap();
             let guidance = guidance_embed.then_some(&strength);
-            let (state, timesteps) = &inputs;
-            let expected = reference
-                .forward(
-                    &state.img,
-                    &state.img_ids,
-                    &state.txt,
-                    &state.txt_ids,
-                    timesteps,
-                    &state.vec,
-                    guidance,
-                )
-                .unwrap();
+            let expected = predict(&reference, &inputs, guidance);
             let predicted = predict(&ours, &inputs, guidance);
             assert_eq!(predicted.dims(), expected.dims());
             let scale = largest_difference(&expected, &expected.zeros_like().unwrap());
