@@ -3,6 +3,10 @@
 Subcommands:
   snapshot DIR        write a FLUX.1-schnell folder as the release has it: every network at
                       its real width, with few blocks, random weights (bf16, as the real files)
+  reference DIR       write the committed FLUX.1-schnell reference: a tiny snapshot's files
+                      Flowline reads, a noise, and FluxPipeline's picture from them
+  reference-sd35 DIR  the same for SD3.5 Large: Stability's single file, T5 and its tokenizer,
+                      a noise, and StableDiffusion3Pipeline's picture from them
   run SNAPSHOT ...    generate with diffusers' FluxPipeline, timing each phase into a JSON file
   measure ...         run Flowline and diffusers in turn on the same snapshot and noise, and
                       print the table
@@ -75,9 +79,8 @@ def write_snapshot(folder: Path, sizes: Sizes) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file, save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
-                              T5EncoderModel, T5TokenizerFast)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
 
     torch.manual_seed(0)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,16 +96,7 @@ def write_snapshot(folder: Path, sizes: Sizes) -> None:
     clip_tokenizer = CLIPTokenizer(str(work / "vocab.json"), str(work / "merges.txt"),
                                    model_max_length=77)
 
-    # T5's tokenizer: a unigram model over letters and a few words.
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,.'"]
-    pieces += [("▁" + w, -1.0) for w in PROMPT.replace(",", "").split()]
-    t5 = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
-    t5.pre_tokenizer = pre_tokenizers.Metaspace()
-    t5.save(str(work / "tokenizer.json"))
-    t5_tokenizer = T5TokenizerFast(tokenizer_file=str(work / "tokenizer.json"), extra_ids=0,
-                                   eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                   model_max_length=512)
+    t5_tokenizer = tiny_t5_tokenizer(work, PROMPT.replace(",", "").split())
 
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=max(49408 if sizes is REAL else 0, len(vocab)),
@@ -110,12 +104,7 @@ def write_snapshot(folder: Path, sizes: Sizes) -> None:
         num_hidden_layers=1, num_attention_heads=sizes.clip_heads, max_position_embeddings=77,
         hidden_act="quick_gelu", projection_dim=sizes.clip_width, bos_token_id=0,
         eos_token_id=1, pad_token_id=1))
-    t5_encoder = T5EncoderModel(T5Config(
-        vocab_size=sizes.t5_vocabulary, d_model=sizes.t5_width, d_kv=sizes.t5_head_width,
-        d_ff=sizes.t5_feed_forward, num_layers=1, num_heads=sizes.t5_heads,
-        relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
-        layer_norm_epsilon=1e-6, tie_word_embeddings=False))
+    t5_encoder = t5_encoder_of(sizes)
     # The rotary embedding splits a head as FLUX.1's 16/56/56 of 128 does (Flowline derives
     # the split from the head width the same way).
     first = sizes.head // 8
@@ -161,6 +150,34 @@ def write_snapshot(folder: Path, sizes: Sizes) -> None:
     converted.save_pretrained(str(folder / "vae"), safe_serialization=True)
 
 
+def tiny_t5_tokenizer(work: Path, words: list):
+    """T5's tokenizer: a unigram model over letters and `words`, written into `work`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz,.'"]
+    pieces += [("▁" + w, -1.0) for w in words]
+    t5 = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    t5.pre_tokenizer = pre_tokenizers.Metaspace()
+    t5.save(str(work / "tokenizer.json"))
+    return T5TokenizerFast(tokenizer_file=str(work / "tokenizer.json"), extra_ids=0,
+                           eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           model_max_length=512)
+
+
+def t5_encoder_of(sizes: Sizes):
+    """A T5 v1.1 encoder (gated GELU) of one layer at `sizes`' T5 widths, random weights."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=sizes.t5_vocabulary, d_model=sizes.t5_width, d_kv=sizes.t5_head_width,
+        d_ff=sizes.t5_feed_forward, num_layers=1, num_heads=sizes.t5_heads,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True,
+        layer_norm_epsilon=1e-6, tie_word_embeddings=False))
+
+
 def transformer_from_bfl(path: Path, folder: Path, hidden: int):
     """The diffusers transformer holding the Black Forest Labs-layout file's weights, through
     diffusers' own converter. That converter is written for FLUX.1's width alone (its
@@ -186,19 +203,21 @@ def transformer_from_bfl(path: Path, folder: Path, hidden: int):
 
 
 class Weights(dict):
-    """Named random tensors at scales that keep activations near unit size, in bf16."""
+    """Named random tensors at scales that keep activations near unit size, in bf16 (or
+    `dtype`, a torch dtype's name)."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, dtype: str = "bfloat16"):
         import torch
 
         super().__init__()
         self.generator = torch.Generator().manual_seed(seed)
+        self.dtype = getattr(torch, dtype)
 
     def random(self, name: str, shape: tuple, scale: float) -> None:
         import torch
 
         value = torch.randn(shape, generator=self.generator) * scale
-        self[name] = value.to(torch.bfloat16)
+        self[name] = value.to(self.dtype)
 
     def linear(self, name: str, out: int, inp: int, gain: float = 1.0) -> None:
         self.random(f"{name}.weight", (out, inp), gain / math.sqrt(inp))
@@ -208,16 +227,23 @@ class Weights(dict):
         self.random(f"{name}.weight", (out, inp, kernel, kernel), 1 / math.sqrt(inp * kernel ** 2))
         self.random(f"{name}.bias", (out,), 0.02)
 
+    def positive(self, name: str, width: int, spread: float) -> None:
+        """Scales around 1: e to the power of normal values of deviation `spread`."""
+        import torch
+
+        value = torch.exp(torch.randn((width,), generator=self.generator) * spread)
+        self[name] = value.to(self.dtype)
+
     def ones(self, name: str, width: int) -> None:
         import torch
 
-        self[name] = torch.ones(width, dtype=torch.bfloat16)
+        self[name] = torch.ones(width, dtype=self.dtype)
 
     def norm(self, name: str, width: int) -> None:
         import torch
 
         self.ones(f"{name}.weight", width)
-        self[f"{name}.bias"] = torch.zeros(width, dtype=torch.bfloat16)
+        self[f"{name}.bias"] = torch.zeros(width, dtype=self.dtype)
 
 
 def bfl_transformer(sizes: Sizes) -> dict:
@@ -325,6 +351,160 @@ def write_reference(folder: Path) -> None:
     run(snapshot, folder / "noise.latent", REFERENCE_SIZE, REFERENCE_STEPS, 1,
         folder / "reference.png", times)
     shutil.rmtree(snapshot)
+
+
+# SD3.5 Large's layout at tiny widths for the committed SD3.5 reference
+# (tests/data/diffusers-sd35): two joint blocks (the last one's context stream ends at its
+# q, k, v, as every SD3 model's does), one head per block as Stability's MMDiT has, heads of 32.
+SD35_DEPTH = 2
+SD35_HEAD = 32
+SD35_POSITIONS = 8
+# The joint blocks' modulation at full gain (FLUX's helper damps it to 0.1): with it the
+# prompt, negative prompt and CFG scale move the tiny model's picture by many levels (CFG 1
+# instead of 4.5 moves it by up to 17/255), so a fault in them cannot hide under rounding.
+SD35_MODULATION_GAIN = 1.0
+# CLIP-L and CLIP-G side by side: the pooled vector's width, fixed by the released encoders.
+SD35_POOLED = 768 + 1280
+# What Flowline reads of the SD3.5 reference: Stability's single file (MMDiT and
+# autoencoder), T5 where Stability's repository keeps it, and T5's tokenizer.
+SD35_FILES = ["sd3.5_large.safetensors", "text_encoders/t5xxl_fp16.safetensors",
+              "tokenizer_3/tokenizer.json"]
+
+
+def stability_mmdit(t5_width: int) -> dict:
+    """SD3.5 Large's MMDiT as `sd3.5_large.safetensors` names it (without its
+    `model.diffusion_model.` prefix), in f16: patch 2, q/k RMS norms, no MMDiT-X attention."""
+    hidden, head = SD35_DEPTH * SD35_HEAD, SD35_HEAD
+    t = Weights(3, "float16")
+    t.random("x_embedder.proj.weight", (hidden, 16, 2, 2), 1 / math.sqrt(16 * 4))
+    t.random("x_embedder.proj.bias", (hidden,), 0.02)
+    t.random("pos_embed", (1, SD35_POSITIONS ** 2, hidden), 0.5)
+    t.linear("t_embedder.mlp.0", hidden, 256)
+    t.linear("t_embedder.mlp.2", hidden, hidden)
+    t.linear("y_embedder.mlp.0", hidden, SD35_POOLED)
+    t.linear("y_embedder.mlp.2", hidden, hidden)
+    t.linear("context_embedder", hidden, t5_width)
+    for block in range(SD35_DEPTH):
+        for stream in ["x_block", "context_block"]:
+            b = f"joint_blocks.{block}.{stream}"
+            last = block == SD35_DEPTH - 1 and stream == "context_block"
+            t.linear(f"{b}.attn.qkv", 3 * hidden, hidden)
+            # q/k RMS norm scales spread as trained ones are (about 0.5 to 2), so that a
+            # program skipping a norm draws another picture.
+            for norm in ["ln_q", "ln_k"]:
+                t.positive(f"{b}.attn.{norm}.weight", head, 0.35)
+            if not last:
+                t.linear(f"{b}.attn.proj", hidden, hidden)
+                t.linear(f"{b}.mlp.fc1", 4 * hidden, hidden)
+                t.linear(f"{b}.mlp.fc2", hidden, 4 * hidden)
+            t.linear(f"{b}.adaLN_modulation.1", (2 if last else 6) * hidden, hidden,
+                     SD35_MODULATION_GAIN)
+    t.linear("final_layer.linear", 2 * 2 * 16, hidden, 0.5)
+    t.linear("final_layer.adaLN_modulation.1", 2 * hidden, hidden, 0.1)
+    return dict(t)
+
+
+def sd35_settings(repository: Path) -> dict:
+    """The prompt, negative prompt, CFG scale and shift of Flowline's SD3.5 workflow."""
+    workflow = json.loads((repository / "assets/workflows/sd3.5.json").read_text())
+    params = {node["id"]: node["params"] for node in workflow["nodes"]}
+    assert params["cfg"]["method"] == "cfg" and params["sampler"]["sampler"] == "euler"
+    assert params["sampler"]["scheduler"] == "shifted"
+    return {"prompt": params["prompt"]["text"], "negative": params["negative"]["text"],
+            "scale": params["cfg"]["scale"], "shift": params["sampler"]["shift"]}
+
+
+def write_sd35_reference(folder: Path) -> None:
+    """A tiny SD3.5 Large in Stability's single-file layout with T5 and its tokenizer, a
+    starting noise, and the picture diffusers' StableDiffusion3Pipeline draws from them
+    (`reference.png`, 64², 2 steps, f32, with the prompt, negative prompt, CFG scale and shift
+    of Flowline's SD3.5 workflow); `tests/real_families.rs` checks Flowline draws the same.
+
+    diffusers reads the single file through its own converters. CLIP-L and CLIP-G are left out
+    (Flowline, through candle, takes only their released sizes: 250 MB and more), so the CLIP
+    part of the conditioning is zeros, as ComfyUI and Flowline make it for a left-out CLIP: 77
+    zero tokens before T5's 77 and a zero pooled vector. Flowline walks
+    σ = shift·t / (1 + (shift−1)·t) down t = 1, 1 − 1/N, …, 0; diffusers is given those t (its
+    own default for SD3 ends its grid at t = 0.001 instead, which at 2 steps is another
+    picture)."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
+                           SD3Transformer2DModel, StableDiffusion3Pipeline)
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file, save_file
+    from transformers import T5EncoderModel
+
+    settings = sd35_settings(Path(__file__).resolve().parent.parent)
+    work = Path(tempfile.mkdtemp(prefix="tiny-sd35-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    words = []
+    for word in (settings["prompt"] + " " + settings["negative"]).replace(",", "").split():
+        if word not in words:
+            words.append(word)
+    # The tokenizer file as transformers writes it (with the `</s>` it appends), as
+    # Stability's `tokenizer_3/` holds it.
+    tokenizer = tiny_t5_tokenizer(work, words)
+    tokenizer.save_pretrained(str(work / "tokenizer_3"))
+    (folder / "tokenizer_3").mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / "tokenizer_3/tokenizer.json", folder / "tokenizer_3/tokenizer.json")
+
+    torch.manual_seed(0)
+    t5 = t5_encoder_of(TINY).to(torch.float16)
+    t5.save_pretrained(str(work / "t5"), safe_serialization=True)
+    (folder / "text_encoders").mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / "t5/model.safetensors", folder / "text_encoders/t5xxl_fp16.safetensors")
+
+    # SD3's autoencoder is FLUX.1's architecture with its own latent scale and shift.
+    vae_config = dict(
+        in_channels=3, out_channels=3, latent_channels=16,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=TINY.autoencoder_channels, layers_per_block=TINY.autoencoder_blocks,
+        norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+    AutoencoderKL(**vae_config).save_config(str(work / "config/vae"))
+    single = {f"model.diffusion_model.{k}": v for k, v in stability_mmdit(TINY.t5_width).items()}
+    single.update({f"first_stage_model.{k}": v.to(torch.float16)
+                   for k, v in bfl_autoencoder(TINY).items()})
+    save_file(single, str(folder / SD35_FILES[0]))
+
+    # diffusers' side, all from the written files, at f32.
+    transformer = SD3Transformer2DModel(
+        sample_size=REFERENCE_SIZE // 8, patch_size=2, in_channels=16, num_layers=SD35_DEPTH,
+        attention_head_dim=SD35_HEAD, num_attention_heads=SD35_DEPTH,
+        joint_attention_dim=TINY.t5_width, caption_projection_dim=SD35_DEPTH * SD35_HEAD,
+        pooled_projection_dim=SD35_POOLED, out_channels=16, pos_embed_max_size=SD35_POSITIONS,
+        dual_attention_layers=(), qk_norm="rms_norm")
+    transformer.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(
+        load_file(str(folder / SD35_FILES[0]))), strict=True)
+    vae = AutoencoderKL.from_single_file(str(folder / SD35_FILES[0]), config=str(work / "config"),
+                                         subfolder="vae", dtype=torch.float32)
+    t5 = T5EncoderModel.from_pretrained(str(work / "t5"), dtype=torch.float32)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=settings["shift"])
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer.to(torch.float32), scheduler=scheduler, vae=vae,
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=t5, tokenizer_3=tokenizer)
+
+    write_noise(folder / "noise.latent", REFERENCE_SIZE, seed=42)
+    noise = load_file(str(folder / "noise.latent"))["latent_tensor"]
+    with torch.inference_mode():
+        def conditioning(text: str) -> tuple:
+            t5_part = pipe._get_t5_prompt_embeds(text, max_sequence_length=77,
+                                                 dtype=torch.float32)
+            clip_part = torch.zeros((1, 77, TINY.t5_width))
+            return torch.cat([clip_part, t5_part], dim=1), torch.zeros((1, SD35_POOLED))
+
+        positive, pooled = conditioning(settings["prompt"])
+        negative, negative_pooled = conditioning(settings["negative"])
+        steps = REFERENCE_STEPS
+        image = pipe(prompt_embeds=positive, pooled_prompt_embeds=pooled,
+                     negative_prompt_embeds=negative,
+                     negative_pooled_prompt_embeds=negative_pooled,
+                     latents=noise, height=REFERENCE_SIZE, width=REFERENCE_SIZE,
+                     sigmas=[1 - i / steps for i in range(steps)],
+                     guidance_scale=settings["scale"], output_type="pil").images[0]
+    image.save(str(folder / "reference.png"))
+    shutil.rmtree(work)
 
 
 def write_noise(path: Path, size: int, seed: int) -> None:
@@ -499,6 +679,8 @@ def main() -> int:
     snapshot.add_argument("folder", type=Path)
     reference = commands.add_parser("reference")
     reference.add_argument("folder", type=Path)
+    reference_sd35 = commands.add_parser("reference-sd35")
+    reference_sd35.add_argument("folder", type=Path)
     generate = commands.add_parser("run")
     generate.add_argument("snapshot", type=Path)
     generate.add_argument("--noise", type=Path, required=True)
@@ -520,6 +702,8 @@ def main() -> int:
         write_snapshot(args.folder, REAL)
     elif args.command == "reference":
         write_reference(args.folder)
+    elif args.command == "reference-sd35":
+        write_sd35_reference(args.folder)
     elif args.command == "run":
         run(args.snapshot, args.noise, args.size, args.steps, args.threads, args.image, args.times)
     else:

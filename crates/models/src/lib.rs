@@ -9,7 +9,7 @@
 //! weights, memory checks) and [`parallel_load`], [`locate`] (finding a model's pieces on disk and telling what a
 //! file holds), [`conv`] and [`autoencoder_networks`] (the autoencoder's networks, fast on the CPU),
 //! [`vector_math`], [`attention`] and [`flux_network`] (FLUX's transformer, likewise), [`autoencoder`] and
-//! [`text_encoders`] (the pieces FLUX and SD3.5 share), the families [`flux`] and [`sd3`], [`discovery`] (models in the Hugging Face cache and
+//! [`text_encoders`] (the pieces FLUX and SD3.5 share), [`mmdit_network`] (SD3.5's), the families [`flux`] and [`sd3`], [`discovery`] (models in the Hugging Face cache and
 //! ComfyUI-style folders), and [`comfyui`] (opening workflows, ComfyUI's converted).
 
 pub mod attention;
@@ -22,6 +22,7 @@ pub mod discovery;
 pub mod flux;
 pub mod flux_network;
 pub mod locate;
+pub mod mmdit_network;
 pub mod parallel_load;
 pub mod sd3;
 pub mod text_encoders;

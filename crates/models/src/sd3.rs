@@ -1,5 +1,6 @@
-//! Stable Diffusion 3.5 Large and Medium from the user's own files, run by candle-transformers'
-//! MMDiT (and MMDiT-X for Medium) and the shared KL autoencoder under Flowline's sampler.
+//! Stable Diffusion 3.5 Large and Medium from the user's own files, run by the MMDiT (and
+//! MMDiT-X for Medium) of [`crate::mmdit_network`] and the shared KL autoencoder under
+//! Flowline's sampler.
 //!
 //! Pieces: the MMDiT (`sd3.5_large.safetensors` / `sd3.5_medium.safetensors`, Stability's
 //! single-file layout with the MMDiT under `model.diffusion_model.` and the autoencoder under
@@ -18,13 +19,14 @@ use std::sync::mpsc;
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::mmdit::model::{Config as MmditConfig, MMDiT};
+use candle_transformers::models::mmdit::model::Config as MmditConfig;
 
 use crate::autoencoder::{
     DTYPE as AUTOENCODER_DTYPE, LATENT_CHANNELS, LatentAutoencoder, check_latent_channels,
 };
 use crate::checkpoint::{Piece, available_memory, check_fits, fits, human_bytes};
 use crate::locate::{Locator, WeightSpec};
+use crate::mmdit_network::Mmdit;
 use crate::text_encoders::{
     CLIP_L, ClipSize, OnDemand, PenultimateClip, PromptTokenizer, T5_XXL, T5Encoder, Tokens,
     t5_dtype, t5_width, truncation_warnings,
@@ -410,7 +412,7 @@ impl Sd3Model {
     }
 }
 
-/// candle's MMDiT holds its blocks as trait objects that do not promise `Send`, so it lives on
+/// The MMDiT holds candle's blocks as trait objects that do not promise `Send`, so it lives on
 /// a thread of its own (built there) and the model asks it for velocities over a channel: safe
 /// Rust instead of asserting a thread safety candle does not declare.
 struct MmditThread {
@@ -433,7 +435,7 @@ impl MmditThread {
         std::thread::Builder::new()
             .name("mmdit".into())
             .spawn(move || {
-                let mmdit = match MMDiT::new(&config, false, vb) {
+                let mmdit = match Mmdit::new(&config, vb) {
                     Ok(mmdit) => mmdit,
                     Err(e) => {
                         let _ = ready.send(Err(e));
@@ -447,7 +449,6 @@ impl MmditThread {
                         &request.timesteps,
                         &request.pooled,
                         &request.context,
-                        None,
                     );
                     let _ = request.reply.send(velocity);
                 }
