@@ -503,17 +503,25 @@ impl FinalLayer {
     }
 
     fn forward(&self, x: &Tensor, vector: &Tensor) -> candle_core::Result<Tensor> {
-        let chunks = vector
-            .silu()?
-            .apply(&self.modulation)?
-            .unsqueeze(1)?
-            .chunk(2, D::Minus1)?;
-        let (shift, scale) = (&chunks[0], &chunks[1]);
-        x.apply(&self.norm)?
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(shift)?
-            .apply(&self.linear)
+        shifted_and_scaled(&x.apply(&self.norm)?, vector, &self.modulation)?.apply(&self.linear)
     }
+}
+
+/// `normed · (1 + scale) + shift`, with shift and scale `[batch, width]` from
+/// `silu(vector)` through `layer`: the two-way adaptive normalisation that FLUX's final layer
+/// and SD3's last text stream apply.
+pub(crate) fn shifted_and_scaled(
+    normed: &Tensor,
+    vector: &Tensor,
+    layer: &impl Module,
+) -> candle_core::Result<Tensor> {
+    let chunks = vector
+        .silu()?
+        .apply(layer)?
+        .unsqueeze(1)?
+        .chunk(2, D::Minus1)?;
+    let (shift, scale) = (&chunks[0], &chunks[1]);
+    normed.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
 }
 
 #[cfg(test)]

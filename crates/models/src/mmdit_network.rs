@@ -20,6 +20,7 @@ use candle_transformers::models::mmdit::embedding::{
 use candle_transformers::models::mmdit::model::Config;
 
 use crate::attention::attention;
+use crate::flux_network::shifted_and_scaled;
 
 /// The MMDiT of SD3 and SD3.5 (Medium's MMDiT-X blocks included).
 pub struct Mmdit {
@@ -159,16 +160,11 @@ impl LastJointBlock {
     }
 
     fn forward(&self, context: &Tensor, x: &Tensor, c: &Tensor) -> candle_core::Result<Tensor> {
-        let chunks = c
-            .silu()?
-            .apply(&self.context_modulation)?
-            .unsqueeze(1)?
-            .chunk(2, D::Minus1)?;
-        let (shift, scale) = (&chunks[0], &chunks[1]);
-        let modulated = LayerNormNoAffine::new(1e-6)
-            .forward(context)?
-            .broadcast_mul(&(scale + 1.0)?)?
-            .broadcast_add(shift)?;
+        let modulated = shifted_and_scaled(
+            &LayerNormNoAffine::new(1e-6).forward(context)?,
+            c,
+            &self.context_modulation,
+        )?;
         let (batch, text_tokens, _) = modulated.dims3()?;
         // [batch, tokens, 3, heads, width]: the text stream's queries, keys and values.
         let qkv =
