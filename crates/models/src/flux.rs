@@ -271,29 +271,28 @@ impl FluxModel {
             check_fits(variant.title(), needed, available_memory())?;
         }
         let device = &request.device;
-        let stored = if transformer.is_gguf() {
-            "quantized GGUF".to_string()
-        } else if fp8_matrices.is_empty() {
-            format!("{dtype:?}")
-        } else {
-            format!("fp8 matrices upcast to {dtype:?} per layer")
-        };
-        let (weights, network_dtype) = if transformer.is_gguf() {
+        let (weights, network_dtype, stored) = if transformer.is_gguf() {
             (
                 Weights::Quantized(transformer.quantized_var_builder(device)?),
                 DType::F32,
+                "quantized GGUF".to_string(),
             )
         } else if fp8_matrices.is_empty() {
             (
                 Weights::Plain(transformer.var_builder(dtype, device)?),
                 dtype,
+                format!("{dtype:?}"),
             )
         } else {
             let weights = Weights::Fp8 {
                 vb: transformer.var_builder(dtype, device)?,
                 matrices: Arc::new(fp8_matrices),
             };
-            (weights, dtype)
+            (
+                weights,
+                dtype,
+                format!("fp8 matrices upcast to {dtype:?} per layer"),
+            )
         };
         let network = FluxTransformer::load(&transformer_config, &weights)
             .map_err(|e| transformer.load_error(e))?;
