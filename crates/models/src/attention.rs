@@ -4,7 +4,8 @@
 //! candle-transformers' attention computes `softmax(QKᵀ/√d)·V` for all heads at once. At
 //! 1024² FLUX attends over 4 352 tokens, so the scores are 24 × 4 352² floats (1.8 GB) that
 //! one product writes, a scaling reads and writes, the softmax reads and writes and the second
-//! product reads again: five trips through memory per block, with a scalar `exp` per score (see [`crate::vector_math`]).
+//! product reads again: five trips through memory per block, with a scalar `exp` per score
+//! (see [`crate::vector_math`]).
 //! Here one rayon task takes one head and a block of [`QUERY_BLOCK`] queries: its scores
 //! (256 × 4 352 floats, 4.5 MB) stay in cache from the first product through a vectorised
 //! softmax to the product with V, and the result is written straight into the token-major
@@ -12,8 +13,8 @@
 //!
 //! The queries and keys are prepared the same way: [`split_heads`] takes the fused `qkv`
 //! projection and, in one pass, splits it into heads, RMS-normalises queries and keys and
-//! rotates them by the rotary embedding (FLUX's and SD3.5's "QK norm" with RoPE), where
-//! candle-transformers makes four strided copies.
+//! rotates them by the rotary embedding (FLUX's QK norm and RoPE), where candle-transformers
+//! makes four strided copies. SD3.5's last joint block uses [`attention`] alone.
 //!
 //! On other devices and precisions both run the same arithmetic as candle tensor operations;
 //! the tests hold the two paths to each other.
