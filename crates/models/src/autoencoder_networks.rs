@@ -47,6 +47,22 @@ impl ResidualBlock {
         })
     }
 
+    /// A level's `count` blocks, `block.0` to `block.{count − 1}` under `vb`: the first from
+    /// `inputs` channels to `outputs`, the rest at `outputs`.
+    fn load_level(
+        inputs: usize,
+        outputs: usize,
+        count: usize,
+        vb: &VarBuilder,
+    ) -> Result<Vec<Self>> {
+        (0..count)
+            .map(|block| {
+                let inputs = if block == 0 { inputs } else { outputs };
+                ResidualBlock::load(inputs, outputs, vb.pp(format!("block.{block}")))
+            })
+            .collect()
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
         let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
@@ -120,15 +136,8 @@ impl Encoder {
         let mut levels = Vec::new();
         for (level, &width) in widths.iter().enumerate() {
             let vb = vb.pp(format!("down.{level}"));
-            let mut blocks = Vec::new();
-            for block in 0..config.num_res_blocks {
-                blocks.push(ResidualBlock::load(
-                    channels,
-                    width,
-                    vb.pp(format!("block.{block}")),
-                )?);
-                channels = width;
-            }
+            let blocks = ResidualBlock::load_level(channels, width, config.num_res_blocks, &vb)?;
+            channels = width;
             let strided = candle_nn::Conv2dConfig {
                 stride: 2,
                 ..Default::default()
@@ -210,15 +219,9 @@ impl Decoder {
         let mut levels = Vec::new();
         for (level, &width) in widths.iter().enumerate().rev() {
             let vb = vb.pp(format!("up.{level}"));
-            let mut blocks = Vec::new();
-            for block in 0..=config.num_res_blocks {
-                blocks.push(ResidualBlock::load(
-                    channels,
-                    width,
-                    vb.pp(format!("block.{block}")),
-                )?);
-                channels = width;
-            }
+            let blocks =
+                ResidualBlock::load_level(channels, width, config.num_res_blocks + 1, &vb)?;
+            channels = width;
             let upsample = (level > 0)
                 .then(|| Conv3x3::load(channels, channels, vb.pp("upsample.conv")))
                 .transpose()?;
