@@ -1,29 +1,36 @@
-// Latent → RGB preview: one linear map per latent position, done on the GPU.
+// Latent → RGB preview: one linear map per latent position, done on the GPU in two passes.
 //
+// `fs_bake` runs once per new step, into an RGBA8 image with one pixel per latent position.
 // The latent arrives as a 2-D texture array of RGBA32F layers, four latent channels per
-// layer (up to 16 channels, as FLUX, SD3 and Flowline's own model have). Each output pixel
-// reads the latent position under it and applies the model's preview matrix and bias:
+// layer (up to 16 channels, as FLUX, SD3 and Flowline's own model have). Each pixel reads
+// its latent position and applies the model's preview matrix and bias:
 //     rgb = bias + Σ_layer matrix[row][layer] · texel(layer)
-// The result is sRGB in [0, 1]; for an sRGB render target it is linearised first, because
-// the hardware encodes it again on write.
+// The result is sRGB in [0, 1]; for an sRGB image it is linearised first, because the
+// hardware encodes it again on write.
+//
+// `fs_show` runs every frame and only copies the baked pixel under each screen pixel, so a
+// frame costs one texel read per pixel rather than the whole map (on a software renderer the
+// map cost more than the rest of the window).
 
 struct Params {
     // matrix[row * 4 + layer]: the weights of output row (R, G, B) for the layer's channels.
     matrix: array<vec4<f32>, 12>,
     bias: vec4<f32>,
-    // x: width, y: height, z: layers, w: 1 when the target format is sRGB.
+    // x: width, y: height, z: layers, w: 1 when the baked image is sRGB.
     size: vec4<u32>,
 };
 
 @group(0) @binding(0) var latent: texture_2d_array<f32>;
 @group(0) @binding(1) var<uniform> params: Params;
+@group(1) @binding(0) var baked: texture_2d<f32>;
 
 struct VertexOut {
     @builtin(position) position: vec4<f32>,
     @location(0) uv: vec2<f32>,
 };
 
-// One triangle that covers the viewport egui sets to the widget's rectangle.
+// One triangle that covers the viewport: the baked image, or the rectangle egui sets for the
+// widget.
 @vertex
 fn vs_main(@builtin(vertex_index) index: u32) -> VertexOut {
     let uv = vec2<f32>(f32((index << 1u) & 2u), f32(index & 2u));
@@ -39,10 +46,14 @@ fn srgb_to_linear(c: vec3<f32>) -> vec3<f32> {
     return select(high, low, c <= vec3<f32>(0.04045));
 }
 
+// The texel of a `size` image under `uv` (nearest: each latent position stays a crisp block).
+fn texel_at(uv: vec2<f32>, size: vec2<i32>) -> vec2<i32> {
+    return clamp(vec2<i32>(floor(uv * vec2<f32>(size))), vec2<i32>(0), size - 1);
+}
+
 @fragment
-fn fs_main(in: VertexOut) -> @location(0) vec4<f32> {
-    let size = vec2<i32>(i32(params.size.x), i32(params.size.y));
-    let texel = clamp(vec2<i32>(floor(in.uv * vec2<f32>(size))), vec2<i32>(0), size - 1);
+fn fs_bake(in: VertexOut) -> @location(0) vec4<f32> {
+    let texel = texel_at(in.uv, vec2<i32>(i32(params.size.x), i32(params.size.y)));
     var rgb = params.bias.xyz;
     for (var layer = 0u; layer < params.size.z; layer = layer + 1u) {
         let v = textureLoad(latent, texel, i32(layer), 0);
@@ -57,4 +68,9 @@ fn fs_main(in: VertexOut) -> @location(0) vec4<f32> {
         rgb = srgb_to_linear(rgb);
     }
     return vec4<f32>(rgb, 1.0);
+}
+
+@fragment
+fn fs_show(in: VertexOut) -> @location(0) vec4<f32> {
+    return textureLoad(baked, texel_at(in.uv, vec2<i32>(textureDimensions(baked))), 0);
 }

@@ -2,8 +2,10 @@
 //! applies the model's latent→RGB matrix and bias to it inside an egui-wgpu paint callback, so
 //! no step is decoded on the CPU.
 //!
-//! Each preview on screen has a slot (canvas x_σ, predicted x̂0) holding its texture, uniform
-//! buffer and bind group; a slot re-uploads only when it is handed a different latent.
+//! Each preview on screen has a slot (canvas x_σ, predicted x̂0, the sampler node's) holding its
+//! textures, uniform buffer and bind groups. A slot handed a latent it has not shown uploads it
+//! and bakes the map into an image of one pixel per latent position; every frame then only
+//! copies that image to the screen.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,23 +83,31 @@ impl LatentFrame {
     }
 }
 
-/// The pipeline, kept in egui-wgpu's callback resources for the app's lifetime.
+/// The two pipelines, kept in egui-wgpu's callback resources for the app's lifetime.
 struct Pipeline {
-    pipeline: wgpu::RenderPipeline,
-    layout: wgpu::BindGroupLayout,
-    srgb_target: bool,
+    /// Maps a latent to its baked image, once per new step.
+    bake: wgpu::RenderPipeline,
+    /// Copies a baked image to the screen, every frame.
+    show: wgpu::RenderPipeline,
+    latent_layout: wgpu::BindGroupLayout,
+    baked_layout: wgpu::BindGroupLayout,
+    /// The baked images' format: sRGB exactly when the render target's is, so that showing
+    /// one is a plain copy.
+    baked_format: wgpu::TextureFormat,
     slots: HashMap<u32, Slot>,
 }
 
 struct Slot {
     key: u64,
     extent: (u32, u32, u32),
-    texture: wgpu::Texture,
+    latent: wgpu::Texture,
     uniforms: wgpu::Buffer,
-    bind_group: wgpu::BindGroup,
+    latent_bind_group: wgpu::BindGroup,
+    baked: wgpu::TextureView,
+    baked_bind_group: wgpu::BindGroup,
 }
 
-/// Builds the pipeline once, at start-up.
+/// Builds the pipelines once, at start-up.
 pub fn install(render_state: &RenderState) {
     let device = &render_state.device;
     let shader = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -106,19 +116,20 @@ pub fn install(render_state: &RenderState) {
             include_str!("../../../shaders/latent_preview.wgsl").into(),
         ),
     });
-    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some("latent_preview"),
+    let fragment_texture = |binding, view_dimension| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::FRAGMENT,
+        ty: wgpu::BindingType::Texture {
+            sample_type: wgpu::TextureSampleType::Float { filterable: false },
+            view_dimension,
+            multisampled: false,
+        },
+        count: None,
+    };
+    let latent_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some("latent_preview latent"),
         entries: &[
-            wgpu::BindGroupLayoutEntry {
-                binding: 0,
-                visibility: wgpu::ShaderStages::FRAGMENT,
-                ty: wgpu::BindingType::Texture {
-                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
-                    view_dimension: wgpu::TextureViewDimension::D2Array,
-                    multisampled: false,
-                },
-                count: None,
-            },
+            fragment_texture(0, wgpu::TextureViewDimension::D2Array),
             wgpu::BindGroupLayoutEntry {
                 binding: 1,
                 visibility: wgpu::ShaderStages::FRAGMENT,
@@ -131,41 +142,66 @@ pub fn install(render_state: &RenderState) {
             },
         ],
     });
-    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-        label: Some("latent_preview"),
-        bind_group_layouts: &[Some(&layout)],
-        immediate_size: 0,
+    let baked_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some("latent_preview baked"),
+        entries: &[fragment_texture(0, wgpu::TextureViewDimension::D2)],
     });
     let target_format = render_state.target_format;
-    let pipeline = device.create_render_pipeline(&wgpu::RenderPipelineDescriptor {
-        label: Some("latent_preview"),
-        layout: Some(&pipeline_layout),
-        vertex: wgpu::VertexState {
-            module: &shader,
-            entry_point: Some("vs_main"),
-            compilation_options: Default::default(),
-            buffers: &[],
-        },
-        primitive: wgpu::PrimitiveState::default(),
-        depth_stencil: None,
-        multisample: wgpu::MultisampleState::default(),
-        fragment: Some(wgpu::FragmentState {
-            module: &shader,
-            entry_point: Some("fs_main"),
-            compilation_options: Default::default(),
-            targets: &[Some(target_format.into())],
-        }),
-        multiview_mask: None,
-        cache: None,
-    });
+    let baked_format = if target_format.is_srgb() {
+        wgpu::TextureFormat::Rgba8UnormSrgb
+    } else {
+        wgpu::TextureFormat::Rgba8Unorm
+    };
+    let pipeline = |name, layouts: &[Option<&wgpu::BindGroupLayout>], entry, format| {
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(name),
+            bind_group_layouts: layouts,
+            immediate_size: 0,
+        });
+        device.create_render_pipeline(&wgpu::RenderPipelineDescriptor {
+            label: Some(name),
+            layout: Some(&layout),
+            vertex: wgpu::VertexState {
+                module: &shader,
+                entry_point: Some("vs_main"),
+                compilation_options: Default::default(),
+                buffers: &[],
+            },
+            primitive: wgpu::PrimitiveState::default(),
+            depth_stencil: None,
+            multisample: wgpu::MultisampleState::default(),
+            fragment: Some(wgpu::FragmentState {
+                module: &shader,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                targets: &[Some(wgpu::TextureFormat::into(format))],
+            }),
+            multiview_mask: None,
+            cache: None,
+        })
+    };
+    let bake = pipeline(
+        "latent_preview bake",
+        &[Some(&latent_layout)],
+        "fs_bake",
+        baked_format,
+    );
+    let show = pipeline(
+        "latent_preview show",
+        &[None, Some(&baked_layout)],
+        "fs_show",
+        target_format,
+    );
     render_state
         .renderer
         .write()
         .callback_resources
         .insert(Pipeline {
-            pipeline,
-            layout,
-            srgb_target: target_format.is_srgb(),
+            bake,
+            show,
+            latent_layout,
+            baked_layout,
+            baked_format,
             slots: HashMap::new(),
         });
 }
@@ -181,12 +217,13 @@ struct DrawLatent {
 }
 
 impl CallbackTrait for DrawLatent {
+    /// Uploads and bakes a latent the slot has not shown yet.
     fn prepare(
         &self,
         device: &wgpu::Device,
         queue: &wgpu::Queue,
         _screen: &egui_wgpu::ScreenDescriptor,
-        _encoder: &mut wgpu::CommandEncoder,
+        encoder: &mut wgpu::CommandEncoder,
         resources: &mut CallbackResources,
     ) -> Vec<wgpu::CommandBuffer> {
         let Some(pipeline) = resources.get_mut::<Pipeline>() else {
@@ -194,41 +231,60 @@ impl CallbackTrait for DrawLatent {
         };
         let frame = &self.frame;
         let extent = (frame.width, frame.height, frame.layers);
-        let needs_texture = pipeline
+        let needs_textures = pipeline
             .slots
             .get(&self.slot)
             .is_none_or(|slot| slot.extent != extent);
-        if needs_texture {
-            let slot = new_slot(device, &pipeline.layout, extent);
+        if needs_textures {
+            let slot = new_slot(device, pipeline, extent);
             pipeline.slots.insert(self.slot, slot);
         }
-        let srgb_target = pipeline.srgb_target;
         let slot = pipeline.slots.get_mut(&self.slot).expect("just made");
-        if slot.key != frame.key || needs_texture {
-            queue.write_texture(
-                wgpu::TexelCopyTextureInfo {
-                    texture: &slot.texture,
-                    mip_level: 0,
-                    origin: wgpu::Origin3d::ZERO,
-                    aspect: wgpu::TextureAspect::All,
-                },
-                bytemuck::cast_slice(&frame.texels),
-                wgpu::TexelCopyBufferLayout {
-                    offset: 0,
-                    bytes_per_row: Some(frame.width * 16),
-                    rows_per_image: Some(frame.height),
-                },
-                wgpu::Extent3d {
-                    width: frame.width,
-                    height: frame.height,
-                    depth_or_array_layers: frame.layers,
-                },
-            );
-            let mut params = frame.params;
-            params.size[3] = u32::from(srgb_target);
-            queue.write_buffer(&slot.uniforms, 0, bytemuck::bytes_of(&params));
-            slot.key = frame.key;
+        if slot.key == frame.key {
+            return Vec::new();
         }
+        queue.write_texture(
+            wgpu::TexelCopyTextureInfo {
+                texture: &slot.latent,
+                mip_level: 0,
+                origin: wgpu::Origin3d::ZERO,
+                aspect: wgpu::TextureAspect::All,
+            },
+            bytemuck::cast_slice(&frame.texels),
+            wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some(frame.width * 16),
+                rows_per_image: Some(frame.height),
+            },
+            wgpu::Extent3d {
+                width: frame.width,
+                height: frame.height,
+                depth_or_array_layers: frame.layers,
+            },
+        );
+        let mut params = frame.params;
+        params.size[3] = u32::from(pipeline.baked_format.is_srgb());
+        queue.write_buffer(&slot.uniforms, 0, bytemuck::bytes_of(&params));
+        let mut pass = encoder.begin_render_pass(&wgpu::RenderPassDescriptor {
+            label: Some("latent_preview bake"),
+            color_attachments: &[Some(wgpu::RenderPassColorAttachment {
+                view: &slot.baked,
+                depth_slice: None,
+                resolve_target: None,
+                ops: wgpu::Operations {
+                    load: wgpu::LoadOp::Clear(wgpu::Color::BLACK),
+                    store: wgpu::StoreOp::Store,
+                },
+            })],
+            depth_stencil_attachment: None,
+            timestamp_writes: None,
+            occlusion_query_set: None,
+            multiview_mask: None,
+        });
+        pass.set_pipeline(&pipeline.bake);
+        pass.set_bind_group(0, &slot.latent_bind_group, &[]);
+        pass.draw(0..3, 0..1);
+        slot.key = frame.key;
         Vec::new()
     }
 
@@ -244,33 +300,39 @@ impl CallbackTrait for DrawLatent {
         let Some(slot) = pipeline.slots.get(&self.slot) else {
             return;
         };
-        render_pass.set_pipeline(&pipeline.pipeline);
-        render_pass.set_bind_group(0, &slot.bind_group, &[]);
+        render_pass.set_pipeline(&pipeline.show);
+        render_pass.set_bind_group(1, &slot.baked_bind_group, &[]);
         render_pass.draw(0..3, 0..1);
     }
 }
 
-fn new_slot(
-    device: &wgpu::Device,
-    layout: &wgpu::BindGroupLayout,
-    extent: (u32, u32, u32),
-) -> Slot {
+/// A slot's textures for latents of `extent` (width, height, layers): the latent itself, its
+/// map's parameters and the baked image.
+fn new_slot(device: &wgpu::Device, pipeline: &Pipeline, extent: (u32, u32, u32)) -> Slot {
     let (width, height, layers) = extent;
-    let texture = device.create_texture(&wgpu::TextureDescriptor {
-        label: Some("latent"),
-        size: wgpu::Extent3d {
-            width,
-            height,
-            depth_or_array_layers: layers,
-        },
-        mip_level_count: 1,
-        sample_count: 1,
-        dimension: wgpu::TextureDimension::D2,
-        format: wgpu::TextureFormat::Rgba32Float,
-        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-        view_formats: &[],
-    });
-    let view = texture.create_view(&wgpu::TextureViewDescriptor {
+    let texture = |label, layers, format, usage| {
+        device.create_texture(&wgpu::TextureDescriptor {
+            label: Some(label),
+            size: wgpu::Extent3d {
+                width,
+                height,
+                depth_or_array_layers: layers,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | usage,
+            view_formats: &[],
+        })
+    };
+    let latent = texture(
+        "latent",
+        layers,
+        wgpu::TextureFormat::Rgba32Float,
+        wgpu::TextureUsages::COPY_DST,
+    );
+    let latent_view = latent.create_view(&wgpu::TextureViewDescriptor {
         dimension: Some(wgpu::TextureViewDimension::D2Array),
         ..Default::default()
     });
@@ -280,13 +342,13 @@ fn new_slot(
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("latent_preview"),
-        layout,
+    let latent_bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("latent_preview latent"),
+        layout: &pipeline.latent_layout,
         entries: &[
             wgpu::BindGroupEntry {
                 binding: 0,
-                resource: wgpu::BindingResource::TextureView(&view),
+                resource: wgpu::BindingResource::TextureView(&latent_view),
             },
             wgpu::BindGroupEntry {
                 binding: 1,
@@ -294,12 +356,29 @@ fn new_slot(
             },
         ],
     });
+    let baked = texture(
+        "latent baked",
+        1,
+        pipeline.baked_format,
+        wgpu::TextureUsages::RENDER_ATTACHMENT,
+    )
+    .create_view(&wgpu::TextureViewDescriptor::default());
+    let baked_bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("latent_preview baked"),
+        layout: &pipeline.baked_layout,
+        entries: &[wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::TextureView(&baked),
+        }],
+    });
     Slot {
         key: u64::MAX,
         extent,
-        texture,
+        latent,
         uniforms,
-        bind_group,
+        latent_bind_group,
+        baked,
+        baked_bind_group,
     }
 }
 
