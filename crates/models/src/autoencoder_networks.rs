@@ -2,47 +2,45 @@
 //! SD3 share: `conv_in`; levels of residual blocks, going down with strided convolutions or up
 //! with nearest-neighbour upsampling; a middle of two residual blocks around self-attention;
 //! `norm_out`, `conv_out`. They are written here rather than taken from candle-transformers so
-//! that their 3×3 convolutions, nearly all of the time, run as [`Conv3x3`].
+//! that their 3×3 convolutions, nearly all of the time, run as [`Conv3x3`], and their
+//! self-attention as the transformers' blocked [`attention`], which never holds the score
+//! matrix: at 1024² that is 16 384² floats (1 GiB), and softmax wrote a second.
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder, conv2d, group_norm};
+use candle_nn::{Conv2d, VarBuilder, conv2d};
 use candle_transformers::models::flux::autoencoder::Config;
 
+use crate::attention::attention;
 use crate::conv::Conv3x3;
+use crate::group_norm::GroupNormSwish;
+use crate::pointwise::Conv1x1;
 
 const GROUPS: usize = 32;
 const EPS: f64 = 1e-6;
 
-fn swish(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(x)
+/// The group norm and SiLU before a convolution.
+fn norm_swish(channels: usize, vb: VarBuilder) -> Result<GroupNormSwish> {
+    GroupNormSwish::load(GROUPS, channels, EPS, true, vb)
 }
 
 struct ResidualBlock {
-    norm1: GroupNorm,
+    norm1: GroupNormSwish,
     conv1: Conv3x3,
-    norm2: GroupNorm,
+    norm2: GroupNormSwish,
     conv2: Conv3x3,
     /// A 1×1 convolution where the block changes the channel count.
-    shortcut: Option<Conv2d>,
+    shortcut: Option<Conv1x1>,
 }
 
 impl ResidualBlock {
     fn load(inputs: usize, outputs: usize, vb: VarBuilder) -> Result<Self> {
         Ok(ResidualBlock {
-            norm1: group_norm(GROUPS, inputs, EPS, vb.pp("norm1"))?,
+            norm1: norm_swish(inputs, vb.pp("norm1"))?,
             conv1: Conv3x3::load(inputs, outputs, vb.pp("conv1"))?,
-            norm2: group_norm(GROUPS, outputs, EPS, vb.pp("norm2"))?,
+            norm2: norm_swish(outputs, vb.pp("norm2"))?,
             conv2: Conv3x3::load(outputs, outputs, vb.pp("conv2"))?,
             shortcut: (inputs != outputs)
-                .then(|| {
-                    conv2d(
-                        inputs,
-                        outputs,
-                        1,
-                        Default::default(),
-                        vb.pp("nin_shortcut"),
-                    )
-                })
+                .then(|| Conv1x1::load(inputs, outputs, vb.pp("nin_shortcut")))
                 .transpose()?,
         })
     }
@@ -64,10 +62,13 @@ impl ResidualBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&swish(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&swish(&self.norm2.forward(&h)?)?)?;
+        // Assigned, not shadowed, so that each intermediate is freed as soon as the next
+        // exists: at 1024² each is 512 MiB or more.
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?)?;
+        h = self.norm2.forward(&h)?;
+        h = self.conv2.forward(&h)?;
         match &self.shortcut {
-            Some(shortcut) => shortcut.forward(x)? + h,
+            Some(shortcut) => shortcut.forward_plus(x, &h),
             None => x + h,
         }
     }
@@ -76,18 +77,18 @@ impl ResidualBlock {
 /// Single-head self-attention over every latent position, with 1×1 convolutions for the
 /// projections.
 struct Attention {
-    norm: GroupNorm,
-    q: Conv2d,
-    k: Conv2d,
-    v: Conv2d,
-    out: Conv2d,
+    norm: GroupNormSwish,
+    q: Conv1x1,
+    k: Conv1x1,
+    v: Conv1x1,
+    out: Conv1x1,
 }
 
 impl Attention {
     fn load(channels: usize, vb: VarBuilder) -> Result<Self> {
-        let projection = |name| conv2d(channels, channels, 1, Default::default(), vb.pp(name));
+        let projection = |name| Conv1x1::load(channels, channels, vb.pp(name));
         Ok(Attention {
-            norm: group_norm(GROUPS, channels, EPS, vb.pp("norm"))?,
+            norm: GroupNormSwish::load(GROUPS, channels, EPS, false, vb.pp("norm"))?,
             q: projection("q")?,
             k: projection("k")?,
             v: projection("v")?,
@@ -98,15 +99,19 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, channels, height, width) = x.dims4()?;
         let normed = self.norm.forward(x)?;
-        // [B, C, H, W] → [B, HW, C]
-        let tokens = |conv: &Conv2d| conv.forward(&normed)?.flatten_from(2)?.transpose(1, 2);
+        // [B, C, H, W] → [B, 1 head, HW, C]
+        let tokens = |conv: &Conv1x1| {
+            conv.forward(&normed)?
+                .flatten_from(2)?
+                .transpose(1, 2)?
+                .unsqueeze(1)
+        };
         let (q, k, v) = (tokens(&self.q)?, tokens(&self.k)?, tokens(&self.v)?);
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? / (channels as f64).sqrt())?;
-        let attended = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v.contiguous()?)?;
-        let attended = attended
+        // [B, HW, C] → [B, C, H, W]
+        let attended = attention(&q, &k, &v)?
             .transpose(1, 2)?
             .reshape((batch, channels, height, width))?;
-        self.out.forward(&attended)? + x
+        self.out.forward_plus(&attended, x)
     }
 }
 
@@ -124,7 +129,7 @@ pub struct Encoder {
     /// From the shallowest level (largest side) to the deepest.
     levels: Vec<DownLevel>,
     middle: Middle,
-    norm_out: GroupNorm,
+    norm_out: GroupNormSwish,
     conv_out: Conv3x3,
 }
 
@@ -151,7 +156,7 @@ impl Encoder {
             conv_in,
             levels,
             middle: Middle::load(channels, &vb)?,
-            norm_out: group_norm(GROUPS, channels, EPS, vb.pp("norm_out"))?,
+            norm_out: norm_swish(channels, vb.pp("norm_out"))?,
             conv_out: Conv3x3::load(channels, 2 * config.z_channels, vb.pp("conv_out"))?,
         })
     }
@@ -172,7 +177,7 @@ impl Module for Encoder {
             }
         }
         h = self.middle.forward(&h)?;
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward(&h)?)
     }
 }
 
@@ -206,7 +211,7 @@ pub struct Decoder {
     middle: Middle,
     /// From the deepest level (smallest side) to the shallowest.
     levels: Vec<UpLevel>,
-    norm_out: GroupNorm,
+    norm_out: GroupNormSwish,
     conv_out: Conv3x3,
 }
 
@@ -231,7 +236,7 @@ impl Decoder {
             conv_in,
             middle,
             levels,
-            norm_out: group_norm(GROUPS, channels, EPS, vb.pp("norm_out"))?,
+            norm_out: norm_swish(channels, vb.pp("norm_out"))?,
             conv_out: Conv3x3::load(channels, config.out_ch, vb.pp("conv_out"))?,
         })
     }
@@ -249,7 +254,7 @@ impl Module for Decoder {
                 h = conv.forward(&h.upsample_nearest2d(2 * height, 2 * width)?)?;
             }
         }
-        self.conv_out.forward(&swish(&self.norm_out.forward(&h)?)?)
+        self.conv_out.forward(&self.norm_out.forward(&h)?)
     }
 }
 
