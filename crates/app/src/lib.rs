@@ -1,9 +1,9 @@
 //! The desktop app: a node editor, a live step preview and workflow files, over the engine.
 //!
-//! The UI thread owns a [`Document`] (the graph being edited) and a [`Runs`] view of the
+//! The UI thread owns a `Document` (the graph being edited) and a `Runs` view of the
 //! executor's events. Run sends a snapshot of the graph to the executor thread; events are
 //! drained without blocking at the start of every frame, so the UI never waits on the engine.
-//! Step latents are drawn by the GPU shader in [`preview`]. File dialogs run on their own
+//! Step latents are drawn by the GPU shader in `preview`. File dialogs run on their own
 //! threads and report back through a channel, for the same reason.
 
 mod chrome;
@@ -47,7 +47,7 @@ const AUTOSAVE_EVERY: Duration = Duration::from_secs(5);
 const RECENT_LIMIT: usize = 8;
 
 /// Opens the app window on `path`, or on the default workflow. Call it before the process
-/// starts other threads (it sets an environment variable, see [`leave_a_core_to_the_display`]).
+/// starts other threads (it sets an environment variable, see `leave_a_core_to_the_display`).
 pub fn launch(path: Option<PathBuf>) -> ExitCode {
     leave_a_core_to_the_display();
     let options = eframe::NativeOptions {

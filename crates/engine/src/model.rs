@@ -19,7 +19,7 @@ use crate::error::InputError;
 /// two models' latent spaces, or to check a latent read from a file).
 pub const LATENT_PROBE_SIDE: usize = 64;
 
-/// The distilled guidance FLUX.1 [dev] gets when the conditioning names none.
+/// The distilled guidance FLUX.1 \[dev\] gets when the conditioning names none.
 pub const DEFAULT_DISTILLED_GUIDANCE: f64 = 3.5;
 
 /// An encoded prompt: what the velocity network attends to.
@@ -33,7 +33,7 @@ pub struct Conditioning {
     pub prompt: String,
     /// Things the user should know, e.g. words the tokenizer does not know and dropped.
     pub warnings: Vec<String>,
-    /// The guidance strength for networks distilled to take it as an input (FLUX.1 [dev]),
+    /// The guidance strength for networks distilled to take it as an input (FLUX.1 \[dev\]),
     /// set by the CFG node; `None` leaves the family's default.
     pub distilled_guidance: Option<f64>,
 }

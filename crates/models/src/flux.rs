@@ -1,4 +1,4 @@
-//! FLUX.1 [schnell] and [dev] from the user's own files, run by Flowline's own transformer
+//! FLUX.1 \[schnell\] and \[dev\] from the user's own files, run by Flowline's own transformer
 //! ([`crate::flux_network`]) and autoencoder under Flowline's sampler.
 //!
 //! Pieces: the transformer (`flux1-schnell.safetensors` / `flux1-dev.safetensors`, original
@@ -8,7 +8,7 @@
 //! network size is read from the tensor shapes, so pruned and tiny variants load as well.
 //!
 //! The transformer sees the latent as 2×2 patches ("packed"), the noise level as `t = σ` (it
-//! scales by 1000 itself) and, for [dev], the distilled guidance strength; it predicts
+//! scales by 1000 itself) and, for \[dev\], the distilled guidance strength; it predicts
 //! `ε − x0`, which is Flowline's velocity, so its output is used as is. The autoencoder's
 //! latents are normalised as `(z − 0.1159) · 0.3611` (see [`super::autoencoder`]).
 

@@ -225,7 +225,7 @@ impl FluxTransformer {
 impl WithForward for FluxTransformer {
     /// The velocity for `img` `[batch, patches, channels]` at noise level `timesteps`
     /// (`[batch]`, σ), given the text tokens `txt`, the pooled vector `y`, the positions of
-    /// both (`[batch, tokens, 3]`) and, for [dev], the distilled guidance strength.
+    /// both (`[batch, tokens, 3]`) and, for \[dev\], the distilled guidance strength.
     fn forward(
         &self,
         img: &Tensor,

@@ -1,4 +1,4 @@
-//! Flowline's real model families: FLUX.1 [schnell] and [dev] and Stable Diffusion 3.5 Large
+//! Flowline's real model families: FLUX.1 \[schnell\] and \[dev\] and Stable Diffusion 3.5 Large
 //! and Medium, loaded from the user's own weight files.
 //!
 //! Every family implements the engine's [`flowline_engine::model::FlowModel`] and derives its

@@ -308,7 +308,7 @@ pub enum Contents {
 }
 
 impl Contents {
-    /// "a FLUX.1 [dev] transformer", for "this is X, not Y" messages.
+    /// "a FLUX.1 \[dev\] transformer", for "this is X, not Y" messages.
     pub fn describe(self) -> &'static str {
         match self {
             Contents::FluxDev => "a FLUX.1 [dev] transformer",

@@ -133,7 +133,7 @@ pub struct ClassifierTraining {
     pub history: Vec<(usize, f32, Vec<f32>)>,
 }
 
-/// The class of each attribute something states, in the order of [`ANSWERS`]; `None` where it
+/// The class of each attribute something states, in the order of `ANSWERS`; `None` where it
 /// is left unsaid.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Labels([Option<usize>; ANSWERS.len()]);

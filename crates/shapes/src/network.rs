@@ -16,7 +16,7 @@
 //! MLPs (far less CPU than GELU). With them, samples are whole objects, of the prompted colour
 //! and place, but blobs whatever the shape word. A convolutional head at latent resolution
 //! ([`ConvHead`]), which a run can add to a trained network, has since made the outline follow
-//! the shape word about half the time. Coarser scales for that head ([`CoarseScale`],
+//! the shape word about half the time. Coarser scales for that head (`CoarseScale`,
 //! U-Net style) gave no measurable gain in a trial of 2 000 steps, so the shipped head works
 //! at latent resolution only. Nor did more depth, resumed from the shipped weights: two more
 //! head blocks (3 900 steps: 64.5 % adherence against 63.5 % on 400 held-out prompts) or two
@@ -65,7 +65,7 @@ pub struct NetworkConfig {
     #[serde(default)]
     pub local_mixing: bool,
     /// Whether the network is wrapped in EDM-style preconditioning for the flow path (see
-    /// [`Preconditioning`]). Without it the network has to pass the noise through itself to
+    /// `Preconditioning`). Without it the network has to pass the noise through itself to
     /// predict `ε − x0`, and what it gets wrong leaks into the image token by token. Older
     /// models have none.
     #[serde(default)]
@@ -87,7 +87,7 @@ pub struct NetworkConfig {
     pub conv_head: usize,
     /// Resolutions the convolutional head works at: 1 (older models) is latent resolution
     /// only; each more adds a coarser one at half the side and twice the channels (see
-    /// [`CoarseScale`]).
+    /// `CoarseScale`).
     #[serde(default = "single_scale")]
     pub conv_head_scales: usize,
     /// Residual blocks of the convolutional head at latent resolution (see [`ConvHead`]);

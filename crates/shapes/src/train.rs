@@ -100,7 +100,7 @@ pub struct TrainSettings {
     #[serde(default)]
     pub loss_balance: f64,
     /// How far each latent channel's share of the loss is evened out (see
-    /// [`ChannelWeights`]): every channel's squared error is multiplied by its clean
+    /// `ChannelWeights`): every channel's squared error is multiplied by its clean
     /// variance raised to minus this power. 0 (older runs): the plain mean over channels.
     #[serde(default)]
     pub channel_loss_power: f64,

@@ -52,7 +52,7 @@ pub struct NodeContext<'a> {
 }
 
 impl<'a> NodeContext<'a> {
-    /// `params` must already be validated against `spec` (see [`crate::graph::validate`]).
+    /// `params` must already be validated against `spec` (see [`crate::validate::validate`]).
     pub fn new(
         node_id: &'a str,
         spec: &'a NodeSpec,
