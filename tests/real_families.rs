@@ -157,6 +157,45 @@ impl Tensors {
         candle_core::safetensors::save(&converted, path).unwrap();
     }
 
+    /// Writes the tensors as ComfyUI's scaled fp8 files (`…_fp8_scaled`): each matrix divided
+    /// by its largest magnitude over fp8's largest (448) and stored as F8_E4M3, with that
+    /// scale beside it as `….weight_scale` and a `….comfy_quant` note, or, in the `older`
+    /// files, as `….scale_weight` with a `scaled_fp8` marker.
+    fn save_fp8_scaled(&self, path: &Path, older: bool) {
+        let mut converted = HashMap::new();
+        for (name, t) in &self.map {
+            let stem = name.strip_suffix(".weight").filter(|_| t.rank() == 2);
+            let Some(stem) = stem else {
+                converted.insert(name.clone(), t.clone());
+                continue;
+            };
+            let t = t.to_dtype(DType::F32).unwrap();
+            let largest: f32 = t.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            let scale = largest / 448.0;
+            let stored = (t / f64::from(scale))
+                .unwrap()
+                .to_dtype(DType::F8E4M3)
+                .unwrap();
+            converted.insert(name.clone(), stored);
+            let scale = Tensor::new(scale, &Device::Cpu).unwrap();
+            if older {
+                converted.insert(format!("{stem}.scale_weight"), scale);
+            } else {
+                converted.insert(format!("{stem}.weight_scale"), scale);
+                let note = br#"{"format": "float8_e4m3fn"}"#.as_slice();
+                converted.insert(
+                    format!("{stem}.comfy_quant"),
+                    Tensor::new(note, &Device::Cpu).unwrap(),
+                );
+            }
+        }
+        if older {
+            let marker = Tensor::zeros(1, DType::F8E4M3, &Device::Cpu).unwrap();
+            converted.insert("scaled_fp8".to_string(), marker);
+        }
+        candle_core::safetensors::save(&converted, path).unwrap();
+    }
+
     /// Writes the tensors as GGUF the way quantized FLUX releases are: matrices as `quant`
     /// where their rows split into its blocks (else Q8_0, as releases keep such layers),
     /// vectors as F32.
@@ -785,6 +824,28 @@ fn an_fp8_transformer_runs_close_to_its_original() {
     );
     assert!(stray > 0.0, "fp8 weights cannot be exact");
     assert!(stray < 0.1, "strays by {stray}");
+}
+
+/// ComfyUI's scaled fp8 transformers, in its current naming and its older one, run close to
+/// their original: each matrix is stored about 2 000 times its size, so a scale left out
+/// would send the velocity far off.
+#[test]
+fn a_scaled_fp8_transformer_runs_close_to_its_original() {
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    for older in [false, true] {
+        let name = if older { "scaled-older" } else { "scaled" };
+        let (stray, described) = stray_from_original(dir.path(), name, |folder| {
+            flux_transformer(false, "")
+                .save_fp8_scaled(&folder.join("flux1-schnell-fp8-scaled.safetensors"), older)
+        });
+        assert!(
+            described.contains("fp8 matrices upcast to F32 per layer"),
+            "{name}: {described}"
+        );
+        assert!(stray > 0.0, "{name}: fp8 weights cannot be exact");
+        assert!(stray < 0.1, "{name}: strays by {stray}");
+    }
 }
 
 /// Diffusers saves CLIP's tokenizer as `vocab.json` + `merges.txt`; assembled from them it

@@ -22,6 +22,7 @@ use candle_transformers::quantized_nn;
 use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
 
 use crate::attention::{HeadNorms, Rotary, attention, split_heads};
+use crate::parallel_load::{apply_fp8_scale, fp8_scale};
 use crate::vector_math::gelu;
 
 /// Where the transformer's weights come from.
@@ -70,6 +71,7 @@ impl Weights {
                 let bias = bias.then(|| vb.get(outputs, "bias")).transpose()?;
                 Projection::Upcast {
                     weight,
+                    scale: fp8_scale(vb)?,
                     bias,
                     dtype: vb.dtype(),
                 }
@@ -123,9 +125,11 @@ impl Weights {
 /// A linear layer with plain, fp8 or quantized weights.
 enum Projection {
     Plain(candle_nn::Linear),
-    /// fp8 weights, upcast to `dtype` for each product and dropped after it.
+    /// fp8 weights, upcast to `dtype` (and multiplied by their scale, in a scaled
+    /// checkpoint) for each product and dropped after it.
     Upcast {
         weight: Tensor,
+        scale: Option<Tensor>,
         bias: Option<Tensor>,
         dtype: DType,
     },
@@ -138,9 +142,16 @@ impl Module for Projection {
             Projection::Plain(layer) => layer.forward(x),
             Projection::Upcast {
                 weight,
+                scale,
                 bias,
                 dtype,
-            } => candle_nn::Linear::new(weight.to_dtype(*dtype)?, bias.clone()).forward(x),
+            } => {
+                let mut upcast = weight.to_dtype(*dtype)?;
+                if let Some(scale) = scale {
+                    upcast = apply_fp8_scale(&upcast, scale, "an fp8 matrix")?;
+                }
+                candle_nn::Linear::new(upcast, bias.clone()).forward(x)
+            }
             Projection::Quantized(layer) => layer.forward(x),
         }
     }
