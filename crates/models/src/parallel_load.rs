@@ -258,6 +258,7 @@ mod tests {
     /// bare fp8 values at fp8 (for networks that apply [`fp8_scale`] themselves).
     #[test]
     fn scaled_fp8_weights_read_multiplied_by_their_scale() {
+        use crate::test_support::largest_difference;
         let device = Device::Cpu;
         let original = Tensor::randn(0f32, 0.05, (6, 10), &device).unwrap();
         let stored = (&original * 1000.0)
@@ -299,17 +300,8 @@ mod tests {
         let ours = ParallelSafetensors(unsafe { MmapedSafetensors::new(&path) }.unwrap());
         let fp8_values = stored.to_dtype(DType::F32).unwrap();
         let read = |name: &str, dtype| ours.get_unchecked(name, dtype, &device);
-        let largest_difference = |a: &Tensor, b: &Tensor| -> f32 {
-            let a = a.to_dtype(DType::F32).unwrap();
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let largest_difference =
+            |a: &Tensor, b: &Tensor| largest_difference(&a.to_dtype(DType::F32).unwrap(), b);
         for dtype in [DType::F32, DType::BF16] {
             let tolerance = if dtype == DType::F32 { 1e-6 } else { 5e-3 };
             let whole = (&fp8_values * 1e-3).unwrap();

@@ -102,20 +102,8 @@ impl CustomOp1 for Plain {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (batch, _, height, width) = layout.shape().dims4()?;
-        let plane = height * width;
-        let mut output = vec![0f32; batch * self.0.out_channels * plane];
-        output
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(row, out)| out.fill(self.0.bias[row % self.0.out_channels]));
-        multiply_into(
-            &self.0,
-            contiguous_f32(storage, layout)?,
-            layout,
-            &mut output,
-        )?;
-        Ok((CpuStorage::F32(output), output_shape(&self.0, layout)?))
+        let zeros = vec![0f32; output_shape(&self.0, layout)?.elem_count()];
+        project(&self.0, storage, layout, zeros)
     }
 }
 
@@ -139,23 +127,35 @@ impl CustomOp2 for PlusResidual {
                 shape
             );
         }
-        let plane: usize = shape.dims()[2..].iter().product();
-        let mut output = contiguous_f32(residual, residual_layout)?.to_vec();
-        output
-            .par_chunks_mut(plane)
-            .enumerate()
-            .for_each(|(row, out)| {
-                let bias = self.0.bias[row % self.0.out_channels];
-                out.iter_mut().for_each(|v| *v += bias);
-            });
-        multiply_into(
-            &self.0,
-            contiguous_f32(storage, layout)?,
-            layout,
-            &mut output,
-        )?;
-        Ok((CpuStorage::F32(output), shape))
+        let residual = contiguous_f32(residual, residual_layout)?.to_vec();
+        project(&self.0, storage, layout, residual)
     }
+}
+
+/// `initial + b + W · x` for the input `x` in `storage`: the bias added to each output plane,
+/// then the product added to all.
+fn project(
+    weights: &CpuWeights,
+    storage: &CpuStorage,
+    layout: &Layout,
+    mut output: Vec<f32>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let shape = output_shape(weights, layout)?;
+    let plane: usize = shape.dims()[2..].iter().product();
+    output
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let bias = weights.bias[row % weights.out_channels];
+            out.iter_mut().for_each(|v| *v += bias);
+        });
+    multiply_into(
+        weights,
+        contiguous_f32(storage, layout)?,
+        layout,
+        &mut output,
+    )?;
+    Ok((CpuStorage::F32(output), shape))
 }
 
 fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
