@@ -848,6 +848,173 @@ fn a_scaled_fp8_transformer_runs_close_to_its_original() {
     }
 }
 
+/// A LoRA file, in ComfyUI's and Black Forest Labs' naming and in kohya's, adds to the
+/// velocity exactly what merging its adapters into the weights adds; at strength 0 it changes
+/// nothing, its text-encoder part is left out, and a layer the network does not have is
+/// named in the error.
+#[test]
+fn a_lora_adds_what_merging_it_into_the_weights_adds() {
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let original = load(
+        "flux-schnell",
+        &flat_folder(&dir.path().join("base"), false),
+    )
+    .unwrap();
+    // Random adapters of rank 4 on a fused attention projection, a single block's projection
+    // and the output layer, with an alpha that is not the rank.
+    let mut rng = Tensors::new(7, DType::F32);
+    let base = flux_transformer(false, "");
+    let (rank, alpha, strength) = (4, 2.0f32, 0.75);
+    let layers = [
+        "double_blocks.0.img_attn.qkv",
+        "single_blocks.0.linear1",
+        "final_layer.linear",
+    ];
+    let mut merged = base.map.clone();
+    for layer in layers {
+        let weight = base.map[&format!("{layer}.weight")]
+            .to_dtype(DType::F32)
+            .unwrap();
+        let (outputs, inputs) = weight.dims2().unwrap();
+        rng.random(&format!("{layer}.down"), &[rank, inputs], 0.5);
+        rng.random(&format!("{layer}.up"), &[outputs, rank], 0.5);
+        let (down, up) = (
+            &rng.map[&format!("{layer}.down")],
+            &rng.map[&format!("{layer}.up")],
+        );
+        let delta = (up.matmul(down).unwrap() * f64::from(strength * alpha / rank as f32)).unwrap();
+        merged.insert(format!("{layer}.weight"), (weight + delta).unwrap());
+    }
+    let alpha_tensor = Tensor::new(alpha, &Device::Cpu).unwrap();
+    let lora_file = |name: &str, key: &dyn Fn(&str, &str) -> String| {
+        let mut tensors = HashMap::new();
+        for layer in layers {
+            tensors.insert(
+                key(layer, "down"),
+                rng.map[&format!("{layer}.down")].clone(),
+            );
+            tensors.insert(key(layer, "up"), rng.map[&format!("{layer}.up")].clone());
+            tensors.insert(key(layer, "alpha"), alpha_tensor.clone());
+        }
+        tensors.insert(
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight".into(),
+            Tensor::zeros((rank, 8), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let path = dir.path().join(name);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        path
+    };
+    let comfyui = lora_file("comfyui.safetensors", &|layer, part| match part {
+        "alpha" => format!("diffusion_model.{layer}.alpha"),
+        "down" => format!("diffusion_model.{layer}.lora_A.weight"),
+        _ => format!("diffusion_model.{layer}.lora_B.weight"),
+    });
+    let kohya = lora_file("kohya.safetensors", &|layer, part| {
+        let layer = layer.replace('.', "_");
+        match part {
+            "alpha" => format!("lora_unet_{layer}.alpha"),
+            _ => format!("lora_unet_{layer}.lora_{part}.weight"),
+        }
+    });
+    let merged_folder = flat_folder(&dir.path().join("merged"), false);
+    candle_core::safetensors::save(&merged, merged_folder.join("flux1-schnell.safetensors"))
+        .unwrap();
+    let merged = load("flux-schnell", &merged_folder).unwrap();
+
+    let x = flowline_engine::flow::noise::gaussian(9, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let velocity = |model: &dyn FlowModel| {
+        let cond = model.encode_prompt("a red star").unwrap();
+        model.velocity(&x, 0.5, &cond).unwrap()
+    };
+    let (before, expected) = (velocity(original.as_ref()), velocity(merged.as_ref()));
+    let largest: f32 = expected
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        largest_difference(&before, &expected) > 0.05 * largest,
+        "the LoRA changes little"
+    );
+    for path in [&comfyui, &kohya] {
+        let adapted = original.with_lora(path, f64::from(strength)).unwrap();
+        assert!(
+            adapted.describe().contains("(3 layers)"),
+            "{}",
+            adapted.describe()
+        );
+        let difference = largest_difference(&velocity(adapted.as_ref()), &expected);
+        assert!(
+            difference < 1e-4 * largest,
+            "{}: off by {difference}",
+            path.display()
+        );
+        let none = original.with_lora(path, 0.0).unwrap();
+        assert_eq!(largest_difference(&velocity(none.as_ref()), &before), 0.0);
+    }
+
+    let mut stray = HashMap::new();
+    stray.insert(
+        "diffusion_model.double_blocks.9.img_attn.qkv.lora_A.weight".to_string(),
+        Tensor::zeros((rank, HIDDEN), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let path = dir.path().join("stray.safetensors");
+    candle_core::safetensors::save(&stray, &path).unwrap();
+    let error = original.with_lora(&path, 1.0).err().unwrap().to_string();
+    assert!(error.contains("double_blocks.9.img_attn.qkv"), "{error}");
+}
+
+/// `workflow` with a Load LoRA node (`path`, `strength`) between its model and every node
+/// the model fed.
+fn with_lora_node(workflow: &Workflow, path: &Path, strength: f64) -> Workflow {
+    let mut json: serde_json::Value = serde_json::from_str(&workflow.to_json()).unwrap();
+    json["nodes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "id": "lora",
+            "type": "load_lora",
+            "position": [0, 400],
+            "params": { "path": path.to_str().unwrap(), "strength": strength }
+        }));
+    for link in json["links"].as_array_mut().unwrap() {
+        if link["from"]["node"] == "model" {
+            link["from"]["node"] = "lora".into();
+        }
+    }
+    json["links"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "from": { "node": "model", "port": "model" },
+            "to": { "node": "lora", "port": "model" }
+        }));
+    Workflow::from_json(&json.to_string(), "with a LoRA").unwrap()
+}
+
+/// The Load LoRA node in a shipped workflow: at strength 0 the picture is the one without
+/// it; at 1 it changes.
+#[test]
+fn a_load_lora_node_changes_the_picture_by_its_strength() {
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let workflow = tiny_workflow("flux-schnell.json", &flat_folder(dir.path(), false));
+    let mut adapters =
+        Tensors::new(3, DType::F32).with_prefix("diffusion_model.final_layer.linear");
+    adapters.random(".lora_A.weight", &[2, HIDDEN], 1.0);
+    adapters.random(".lora_B.weight", &[64, 2], 1.0);
+    let lora = dir.path().join("lora.safetensors");
+    adapters.save(&lora);
+    let (plain, _) = run(workflow.clone());
+    let (at_zero, _) = run(with_lora_node(&workflow, &lora, 0.0));
+    let (at_one, _) = run(with_lora_node(&workflow, &lora, 1.0));
+    assert_eq!(at_zero, plain);
+    assert_ne!(at_one, plain);
+}
+
 /// Diffusers saves CLIP's tokenizer as `vocab.json` + `merges.txt`; assembled from them it
 /// must tokenize exactly as CLIP's `tokenizer.json` does.
 #[test]

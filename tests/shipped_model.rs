@@ -348,3 +348,19 @@ fn the_shipped_preset_holds_the_settings_the_shipped_weights_were_last_trained_w
         serde_json::from_value(config.training["settings"].clone()).unwrap();
     assert_eq!(TrainSettings::default_model(), recorded);
 }
+
+/// The shipped model has no LoRA files to take, and says so instead of ignoring one.
+#[test]
+fn the_shipped_model_refuses_a_lora_by_name() {
+    let model = (shapes::FAMILY.load)(
+        &LoadRequest::new("", &candle_core::Device::Cpu),
+        &mut |_| {},
+    )
+    .unwrap();
+    let error = model
+        .with_lora(Path::new("style.safetensors"), 1.0)
+        .err()
+        .expect("the shapes model takes no LoRA")
+        .to_string();
+    assert!(error.ends_with("takes no LoRA"), "{error}");
+}

@@ -8,7 +8,7 @@
 //! depends on no model family, and a new family needs no change here.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
@@ -117,6 +117,13 @@ pub trait FlowModel: Send + Sync {
     fn encode_image(&self, image: &Tensor) -> anyhow::Result<Tensor>;
 
     fn preview(&self) -> &LatentPreview;
+
+    /// This model with the LoRA file at `path` applied at `strength` to its velocity network,
+    /// sharing its weights; families without LoRA support say so.
+    fn with_lora(&self, path: &Path, strength: f64) -> anyhow::Result<Arc<dyn FlowModel>> {
+        let _ = (path, strength);
+        Err(InputError(format!("{} takes no LoRA", self.describe())).into())
+    }
 
     /// Whether [`FlowModel::batch_conditioning`] works: the model can generate a batch of
     /// different prompts at once.

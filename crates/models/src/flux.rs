@@ -12,6 +12,7 @@
 //! `ε − x0`, which is Flowline's velocity, so its output is used as is. The autoencoder's
 //! latents are normalised as `(z − 0.1159) · 0.3611` (see [`super::autoencoder`]).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -25,6 +26,7 @@ use crate::autoencoder::{
 use crate::checkpoint::{Piece, available_memory, check_fits, fits, human_bytes};
 use crate::flux_network::{FluxTransformer, Weights};
 use crate::locate::{Locator, WeightSpec};
+use crate::lora;
 use crate::text_encoders::{
     CLIP_L, CLIP_TOKENIZER_NAMES, ClipEncoder, OnDemand, PromptTokenizer, T5_TOKENIZER_NAMES,
     T5_XXL, T5Encoder, t5_dtype, t5_width, truncation_warnings,
@@ -188,6 +190,7 @@ struct TextStage {
 }
 
 /// A loaded FLUX.1 model.
+#[derive(Clone)]
 pub struct FluxModel {
     variant: Variant,
     /// The transformer, from safetensors or quantized from GGUF.
@@ -195,8 +198,9 @@ pub struct FluxModel {
     /// The precision the transformer computes at: the chosen one, or f32 for GGUF weights.
     network_dtype: DType,
     guidance_input: bool,
-    autoencoder: LatentAutoencoder,
-    text: TextStage,
+    autoencoder: Arc<LatentAutoencoder>,
+    /// Shared with the copies LoRAs make, which only change the transformer.
+    text: Arc<TextStage>,
     /// The precision of the text encoders (T5 adjusted by [`t5_dtype`]).
     dtype: DType,
     device: Device,
@@ -313,15 +317,15 @@ impl FluxModel {
             transformer: network,
             network_dtype,
             guidance_input,
-            autoencoder,
-            text: TextStage {
+            autoencoder: Arc::new(autoencoder),
+            text: Arc::new(TextStage {
                 clip,
                 t5,
                 clip_tokenizer,
                 clip_positions,
                 t5_tokenizer,
                 encoders: OnDemand::new(request.keep_text_encoders),
-            },
+            }),
             dtype,
             device: device.clone(),
             preview: LatentPreview::from_signed(&PREVIEW_FACTORS, PREVIEW_BIAS),
@@ -428,6 +432,29 @@ fn check_agreement_text(
 impl FlowModel for FluxModel {
     fn describe(&self) -> String {
         self.description.clone()
+    }
+
+    fn with_lora(&self, path: &Path, strength: f64) -> anyhow::Result<Arc<dyn FlowModel>> {
+        let layers = self.transformer.layer_names();
+        let adapters =
+            lora::read_adapters(path, &layers, strength, self.network_dtype, &self.device)?;
+        let transformer = self
+            .transformer
+            .with_adapters(&adapters)
+            .map_err(|e| InputError(format!("the LoRA {}: {e}", path.display())))?;
+        let file = path
+            .file_name()
+            .unwrap_or(path.as_os_str())
+            .to_string_lossy();
+        Ok(Arc::new(FluxModel {
+            transformer,
+            description: format!(
+                "{} + LoRA {file} at {strength} ({} layers)",
+                self.description,
+                adapters.len()
+            ),
+            ..self.clone()
+        }))
     }
 
     fn device(&self) -> &Device {

@@ -11,7 +11,7 @@
 //! from safetensors at any precision, fp8 matrices kept as stored and upcast one layer at a
 //! time (half the memory of bf16), and GGUF kept quantized ([`Weights`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Module, Tensor};
@@ -123,6 +123,7 @@ impl Weights {
 }
 
 /// A linear layer with plain, fp8 or quantized weights.
+#[derive(Clone)]
 enum Projection {
     Plain(candle_nn::Linear),
     /// fp8 weights, upcast to `dtype` (and multiplied by their scale, in a scaled
@@ -134,6 +135,33 @@ enum Projection {
         dtype: DType,
     },
     Quantized(quantized_nn::Linear),
+    /// A layer with low-rank adapters (LoRA) added to its output.
+    Adapted {
+        base: Box<Projection>,
+        adapters: Vec<LowRank>,
+    },
+}
+
+/// One low-rank adapter: `scale · up · down · x` added to a layer's output.
+#[derive(Clone)]
+pub struct LowRank {
+    /// `[rank, inputs]`.
+    pub down: Tensor,
+    /// `[outputs, rank]`.
+    pub up: Tensor,
+    pub scale: f64,
+}
+
+impl Projection {
+    /// `(outputs, inputs)` of the layer's weight matrix, where it is at hand.
+    fn dims(&self) -> Option<(usize, usize)> {
+        match self {
+            Projection::Plain(layer) => layer.weight().dims2().ok(),
+            Projection::Upcast { weight, .. } => weight.dims2().ok(),
+            Projection::Quantized(_) => None,
+            Projection::Adapted { base, .. } => base.dims(),
+        }
+    }
 }
 
 impl Module for Projection {
@@ -153,12 +181,22 @@ impl Module for Projection {
                 candle_nn::Linear::new(upcast, bias.clone()).forward(x)
             }
             Projection::Quantized(layer) => layer.forward(x),
+            Projection::Adapted { base, adapters } => {
+                let mut y = base.forward(x)?;
+                for adapter in adapters {
+                    let down = x.broadcast_matmul(&adapter.down.t()?)?;
+                    let update = down.broadcast_matmul(&adapter.up.t()?)?;
+                    y = (y + (update * adapter.scale)?)?;
+                }
+                Ok(y)
+            }
         }
     }
 }
 
 /// FLUX.1's transformer: it takes the packed latent, the text tokens, the noise level and the
 /// pooled text vector and predicts the velocity for the packed latent.
+#[derive(Clone)]
 pub struct FluxTransformer {
     img_in: Projection,
     txt_in: Projection,
@@ -201,6 +239,97 @@ impl FluxTransformer {
             axes: config.axes_dim.iter().map(|width| width / 2).collect(),
             theta: config.theta as f64,
         })
+    }
+
+    /// Every linear layer with its name in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv`),
+    /// the names LoRA files address.
+    fn projections_mut(&mut self) -> Vec<(String, &mut Projection)> {
+        let mut all: Vec<(String, &mut Projection)> = vec![
+            ("img_in".into(), &mut self.img_in),
+            ("txt_in".into(), &mut self.txt_in),
+        ];
+        let embedders = [
+            ("time_in", Some(&mut self.time_in)),
+            ("vector_in", Some(&mut self.vector_in)),
+            ("guidance_in", self.guidance_in.as_mut()),
+        ];
+        for (name, embedder) in embedders {
+            if let Some(embedder) = embedder {
+                all.push((format!("{name}.in_layer"), &mut embedder.in_layer));
+                all.push((format!("{name}.out_layer"), &mut embedder.out_layer));
+            }
+        }
+        for (index, block) in self.double_blocks.iter_mut().enumerate() {
+            for (stream, prefix) in [(&mut block.image, "img"), (&mut block.text, "txt")] {
+                let at = |layer: &str| format!("double_blocks.{index}.{prefix}_{layer}");
+                all.push((at("mod.lin"), &mut stream.modulation));
+                all.push((at("attn.qkv"), &mut stream.qkv));
+                all.push((at("attn.proj"), &mut stream.projection));
+                all.push((at("mlp.0"), &mut stream.mlp_in));
+                all.push((at("mlp.2"), &mut stream.mlp_out));
+            }
+        }
+        for (index, block) in self.single_blocks.iter_mut().enumerate() {
+            let at = |layer: &str| format!("single_blocks.{index}.{layer}");
+            all.push((at("modulation.lin"), &mut block.modulation));
+            all.push((at("linear1"), &mut block.linear1));
+            all.push((at("linear2"), &mut block.linear2));
+        }
+        all.push((
+            "final_layer.adaLN_modulation.1".into(),
+            &mut self.final_layer.modulation,
+        ));
+        all.push(("final_layer.linear".into(), &mut self.final_layer.linear));
+        all
+    }
+
+    /// The names of every linear layer (see [`FluxTransformer::with_adapters`]).
+    pub fn layer_names(&self) -> Vec<String> {
+        self.clone()
+            .projections_mut()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// A copy sharing this network's weights, with `adapters` added to the layers they name
+    /// (see [`FluxTransformer::layer_names`]). A name that is no layer here is an error.
+    pub fn with_adapters(
+        &self,
+        adapters: &BTreeMap<String, LowRank>,
+    ) -> candle_core::Result<FluxTransformer> {
+        let mut adapted = self.clone();
+        let mut unused: BTreeSet<&String> = adapters.keys().collect();
+        for (name, projection) in adapted.projections_mut() {
+            if let Some(adapter) = adapters.get(&name) {
+                unused.remove(&name);
+                let adapter_dims = (adapter.up.dim(0)?, adapter.down.dim(1)?);
+                if let Some(dims) = projection.dims().filter(|&dims| dims != adapter_dims) {
+                    candle_core::bail!(
+                        "the adapter of {name} maps {} inputs to {} outputs, the layer {} to {}",
+                        adapter_dims.1,
+                        adapter_dims.0,
+                        dims.1,
+                        dims.0
+                    );
+                }
+                // Cloning a layer copies handles to its weights, not the weights.
+                *projection = match projection.clone() {
+                    Projection::Adapted { base, mut adapters } => {
+                        adapters.push(adapter.clone());
+                        Projection::Adapted { base, adapters }
+                    }
+                    other => Projection::Adapted {
+                        base: Box::new(other),
+                        adapters: vec![adapter.clone()],
+                    },
+                };
+            }
+        }
+        if let Some(name) = unused.first() {
+            candle_core::bail!("the network has no layer {name}");
+        }
+        Ok(adapted)
     }
 
     /// The rotary angles of every token from its position `[batch, tokens, 3]` (shared by
@@ -286,6 +415,7 @@ fn time_channels(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
 
 /// Two linear layers with a SiLU between: the noise level's, the guidance's and the pooled
 /// text vector's way into the model width.
+#[derive(Clone)]
 struct Embedder {
     in_layer: Projection,
     out_layer: Projection,
@@ -346,6 +476,7 @@ impl Modulation {
 
 /// One stream (image or text) of a double block: its own modulation, attention projections
 /// and MLP.
+#[derive(Clone)]
 struct Stream {
     modulation: Projection,
     /// The parameter-free layer normalisation before the attention and before the MLP.
@@ -382,6 +513,7 @@ impl Stream {
 }
 
 /// A double-stream block: image and text tokens attend jointly, each with its own weights.
+#[derive(Clone)]
 struct DoubleBlock {
     image: Stream,
     text: Stream,
@@ -447,6 +579,7 @@ impl DoubleBlock {
 
 /// A single-stream block over the joined text and image tokens: attention and MLP computed
 /// side by side from one projection.
+#[derive(Clone)]
 struct SingleBlock {
     modulation: Projection,
     norm: LayerNorm,
@@ -496,6 +629,7 @@ impl SingleBlock {
 }
 
 /// The final adaptive normalisation and projection back to packed latent channels.
+#[derive(Clone)]
 struct FinalLayer {
     norm: LayerNorm,
     modulation: Projection,

@@ -23,6 +23,7 @@ pub mod flux;
 pub mod flux_network;
 pub mod group_norm;
 pub mod locate;
+pub mod lora;
 pub mod mmdit_network;
 pub mod parallel_load;
 pub mod pointwise;

@@ -7,6 +7,7 @@ mod encode_prompt;
 mod gaussian_start;
 mod load_image;
 mod load_latent;
+mod load_lora;
 mod load_model;
 mod preview_image;
 mod reroute;
@@ -25,6 +26,7 @@ use self::context::NodeDef;
 pub static REGISTRY: LazyLock<Vec<NodeDef>> = LazyLock::new(|| {
     vec![
         load_model::definition(),
+        load_lora::definition(),
         load_image::definition(),
         encode_prompt::definition(),
         gaussian_start::definition(),
