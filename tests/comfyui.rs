@@ -113,6 +113,68 @@ fn assert_valid(workflow: &Workflow) {
 
 /// The API-format workflow `file` with input `name` of node `node` set to `value`, written in
 /// `dir`.
+/// LoRA loaders on the model's way become Load LoRA nodes in the same order, their files
+/// looked for in `models/loras/`; LoraLoader's CLIP output passes the text encoders on, with
+/// a warning where its CLIP strength would have changed them.
+#[test]
+fn lora_loaders_become_load_lora_nodes_between_the_model_and_the_sampler() {
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    flux_models(&models);
+    stand_in(
+        &models.join("loras/style.safetensors"),
+        "lora_unet_img_in.alpha",
+    );
+    let mut json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(data("flux-sampler-custom-advanced-api.json")).unwrap(),
+    )
+    .unwrap();
+    json["40"] = serde_json::json!({"class_type": "LoraLoader", "inputs": {
+        "lora_name": "style.safetensors", "strength_model": 0.8, "strength_clip": 1.0,
+        "model": ["12", 0], "clip": ["11", 0]}});
+    json["41"] = serde_json::json!({"class_type": "LoraLoaderModelOnly", "inputs": {
+        "lora_name": "detail.safetensors", "strength_model": 0.5, "model": ["40", 0]}});
+    json["30"]["inputs"]["model"] = serde_json::json!(["41", 0]);
+    json["6"]["inputs"]["clip"] = serde_json::json!(["40", 1]);
+    let input = dir.path().join("loras-api.json");
+    std::fs::write(&input, json.to_string()).unwrap();
+
+    let opened = open(&input, Some(&models));
+    let workflow = &opened.workflow;
+    assert_eq!(
+        param(workflow, "lora", "path"),
+        path_text(&models.join("loras/style.safetensors"))
+    );
+    assert_eq!(param(workflow, "lora", "strength"), ParamValue::Float(0.8));
+    assert_eq!(
+        param(workflow, "lora_2", "path"),
+        text("detail.safetensors")
+    );
+    assert_eq!(
+        param(workflow, "lora_2", "strength"),
+        ParamValue::Float(0.5)
+    );
+    let links = links(workflow);
+    for expected in [
+        "model.model -> lora.model",
+        "lora.model -> lora_2.model",
+        "lora_2.model -> cfg.model",
+        "model.model -> prompt.model",
+    ] {
+        assert!(
+            links.contains(expected),
+            "{expected} missing from {links:?}"
+        );
+    }
+    assert_eq!(opened.warnings.len(), 2, "{:?}", opened.warnings);
+    assert!(opened.warnings[0].contains("node 41 (LoraLoaderModelOnly)"));
+    assert!(opened.warnings[0].contains("lora_name detail.safetensors was not found"));
+    assert!(opened.warnings[1].contains("node 40 (LoraLoader)"));
+    assert!(opened.warnings[1].contains("strength_clip is left out"));
+    assert_valid(workflow);
+}
+
 fn edited_api(dir: &Path, file: &str, node: &str, name: &str, value: serde_json::Value) -> PathBuf {
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(data(file)).unwrap()).unwrap();

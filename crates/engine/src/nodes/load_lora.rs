@@ -24,8 +24,8 @@ pub fn definition() -> NodeDef {
                 ParamSpec::path("path", true, "LoRA .safetensors file"),
                 ParamSpec::float(
                     "strength",
-                    -4.0,
-                    4.0,
+                    -100.0,
+                    100.0,
                     1.0,
                     "how much of the LoRA to add (0 = none, negative = its opposite)",
                 ),

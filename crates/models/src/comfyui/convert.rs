@@ -33,6 +33,11 @@ const LOADERS: [&str; 6] = [
     "VAELoader",
 ];
 const MODEL_SAMPLING: [&str; 2] = ["ModelSamplingFlux", "ModelSamplingSD3"];
+/// LoRA loaders: on a MODEL's way they become Load LoRA nodes; LoraLoader's CLIP output
+/// passes its text encoders on unchanged.
+const LORAS: [&str; 2] = ["LoraLoaderModelOnly", "LoraLoader"];
+/// What a MODEL input passes through on its way to the loaders.
+const MODEL_WAY: [&str; 4] = [MODEL_SAMPLING[0], MODEL_SAMPLING[1], LORAS[0], LORAS[1]];
 const PROMPTS: [&str; 2] = ["CLIPTextEncode", "CLIPTextEncodeFlux"];
 const SAMPLERS: [&str; 3] = ["KSampler", "KSamplerAdvanced", "SamplerCustomAdvanced"];
 const GUIDERS: [&str; 2] = ["BasicGuider", "CFGGuider"];
@@ -397,7 +402,7 @@ impl<'a> Converter<'a> {
             self.warn(
                 loader,
                 format!(
-                    "{input} {name} was not found ({searched}); the Load Model node keeps the \
+                    "{input} {name} was not found ({searched}); the converted node keeps the \
                      name, so set the file there before running"
                 ),
             );
@@ -476,19 +481,64 @@ impl<'a> Converter<'a> {
         Ok(family)
     }
 
-    /// Where input `name` of `node` (a MODEL, CLIP or VAE) leads.
-    fn model_input(&self, node: &ComfyNode, name: &str) -> Result<ModelUse<'a>, ImportError> {
-        let (source, passed) = self.trace(node, name, &MODEL_SAMPLING, "model")?;
+    /// Where input `name` of `node` (a MODEL, CLIP or VAE) leads: the Load Model node, or
+    /// for a MODEL that passed LoRA loaders the last of the Load LoRA nodes made for them.
+    fn model_input(&mut self, node: &ComfyNode, name: &str) -> Result<ModelUse<'a>, ImportError> {
+        let through: &[&str] = match name {
+            "model" => &MODEL_WAY,
+            "clip" => &LORAS[1..],
+            _ => &[],
+        };
+        let (source, passed) = self.trace(node, name, through, name)?;
         expect(node, name, source, &LOADERS)?;
         let model = self
             .model
             .as_ref()
             .ok_or_else(|| node.error("the workflow loads no model"))?;
+        let (mut id, family) = (model.id.clone(), model.family);
+        // From the loader on: each LoRA adapts what the one before it gave.
+        for &lora in passed.iter().rev() {
+            if !LORAS.contains(&lora.class.as_str()) {
+                continue;
+            }
+            if name == "clip" {
+                if lora.number("strength_clip")? != 0.0 {
+                    self.warn(
+                        lora,
+                        "its strength_clip is left out: Flowline adds a LoRA to the diffusion                          model only, and the prompt is encoded as without it",
+                    );
+                }
+                continue;
+            }
+            id = self.lora(lora, &id)?;
+        }
         Ok(ModelUse {
-            id: model.id.clone(),
-            family: model.family,
-            sampling: passed.first().copied(),
+            id,
+            family,
+            sampling: passed
+                .iter()
+                .find(|passed| MODEL_SAMPLING.contains(&passed.class.as_str()))
+                .copied(),
         })
+    }
+
+    /// The Load LoRA node for LoRA loader `lora`, fed by `model`, made the first time.
+    fn lora(&mut self, lora: &'a ComfyNode, model: &str) -> Result<String, ImportError> {
+        if let Some(id) = self.made.get(lora.id.as_str()) {
+            return Ok(id.clone());
+        }
+        let file = self.named_file(lora, "lora_name", &["loras"])?;
+        let params = vec![
+            ("path", file.param()),
+            (
+                "strength",
+                ParamValue::Float(lora.number("strength_model")?),
+            ),
+        ];
+        let id = self.add("lora", "load_lora", lora, HERE, params);
+        self.connect(model, "model", &id, "model");
+        self.made.insert(&lora.id, id.clone());
+        Ok(id)
     }
 
     // Prompts and guidance.

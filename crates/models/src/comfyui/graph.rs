@@ -13,7 +13,7 @@ pub const CONTROL_AFTER_GENERATE: &str = "control_after_generate";
 
 /// Every ComfyUI class Flowline imports, with the names of its widgets in the order the UI
 /// format stores their values.
-pub const CLASSES: [(&str, &[&str]); 26] = [
+pub const CLASSES: [(&str, &[&str]); 28] = [
     ("CheckpointLoaderSimple", &["ckpt_name"]),
     ("UNETLoader", &["unet_name", "weight_dtype"]),
     (
@@ -26,6 +26,11 @@ pub const CLASSES: [(&str, &[&str]); 26] = [
     ),
     ("CLIPLoader", &["clip_name", "type", "device"]),
     ("VAELoader", &["vae_name"]),
+    ("LoraLoaderModelOnly", &["lora_name", "strength_model"]),
+    (
+        "LoraLoader",
+        &["lora_name", "strength_model", "strength_clip"],
+    ),
     ("CLIPTextEncode", &["text"]),
     ("CLIPTextEncodeFlux", &["clip_l", "t5xxl", "guidance"]),
     ("FluxGuidance", &["guidance"]),
