@@ -848,10 +848,11 @@ fn a_scaled_fp8_transformer_runs_close_to_its_original() {
     }
 }
 
-/// A LoRA file, in ComfyUI's and Black Forest Labs' naming and in kohya's, adds to the
-/// velocity exactly what merging its adapters into the weights adds; at strength 0 it changes
-/// nothing, its text-encoder part is left out, and a layer the network does not have is
-/// named in the error.
+/// A LoRA file, in ComfyUI's and Black Forest Labs' naming, in kohya's and in diffusers'
+/// (whose split projections and swapped final modulation must land on the fused layers'
+/// rows), adds to the velocity exactly what merging its adapters into the weights adds; at
+/// strength 0 it changes nothing, its text-encoder part is left out, and a layer the network
+/// does not have is named in the error.
 #[test]
 fn a_lora_adds_what_merging_it_into_the_weights_adds() {
     flowline::install_model_families();
@@ -869,6 +870,7 @@ fn a_lora_adds_what_merging_it_into_the_weights_adds() {
     let layers = [
         "double_blocks.0.img_attn.qkv",
         "single_blocks.0.linear1",
+        "final_layer.adaLN_modulation.1",
         "final_layer.linear",
     ];
     let mut merged = base.map.clone();
@@ -917,6 +919,51 @@ fn a_lora_adds_what_merging_it_into_the_weights_adds() {
             _ => format!("lora_unet_{layer}.lora_{part}.weight"),
         }
     });
+    // diffusers' names split the fused layers by rows (the same down serves every part) and
+    // give the final modulation's halves in the other order.
+    let mut split = HashMap::new();
+    let mut add = |name: &str, down: &Tensor, up: Tensor| {
+        let name = format!("transformer.{name}");
+        split.insert(format!("{name}.lora_A.weight"), down.clone());
+        split.insert(format!("{name}.lora_B.weight"), up);
+        split.insert(format!("{name}.alpha"), alpha_tensor.clone());
+    };
+    let adapter = |layer: &str| {
+        let (down, up) = (
+            &rng.map[&format!("{layer}.down")],
+            &rng.map[&format!("{layer}.up")],
+        );
+        (down.clone(), up.clone())
+    };
+    let (down, up) = adapter("double_blocks.0.img_attn.qkv");
+    for (index, part) in ["to_q", "to_k", "to_v"].into_iter().enumerate() {
+        let rows = up.narrow(0, index * HIDDEN, HIDDEN).unwrap();
+        add(&format!("transformer_blocks.0.attn.{part}"), &down, rows);
+    }
+    let (down, up) = adapter("single_blocks.0.linear1");
+    let parts = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"];
+    let heights = [HIDDEN, HIDDEN, HIDDEN, 4 * HIDDEN];
+    let mut first = 0;
+    for (part, height) in parts.into_iter().zip(heights) {
+        let rows = up.narrow(0, first, height).unwrap();
+        add(&format!("single_transformer_blocks.0.{part}"), &down, rows);
+        first += height;
+    }
+    let (down, up) = adapter("final_layer.adaLN_modulation.1");
+    let (shift, scale) = (
+        up.narrow(0, 0, HIDDEN).unwrap(),
+        up.narrow(0, HIDDEN, HIDDEN).unwrap(),
+    );
+    add(
+        "norm_out.linear",
+        &down,
+        Tensor::cat(&[scale, shift], 0).unwrap(),
+    );
+    let (down, up) = adapter("final_layer.linear");
+    add("proj_out", &down, up);
+    let diffusers = dir.path().join("diffusers.safetensors");
+    candle_core::safetensors::save(&split, &diffusers).unwrap();
+
     let merged_folder = flat_folder(&dir.path().join("merged"), false);
     candle_core::safetensors::save(&merged, merged_folder.join("flux1-schnell.safetensors"))
         .unwrap();
@@ -939,10 +986,10 @@ fn a_lora_adds_what_merging_it_into_the_weights_adds() {
         largest_difference(&before, &expected) > 0.05 * largest,
         "the LoRA changes little"
     );
-    for path in [&comfyui, &kohya] {
+    for path in [&comfyui, &kohya, &diffusers] {
         let adapted = original.with_lora(path, f64::from(strength)).unwrap();
         assert!(
-            adapted.describe().contains("(3 layers)"),
+            adapted.describe().contains("(4 layers)"),
             "{}",
             adapted.describe()
         );

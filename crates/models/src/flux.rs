@@ -435,7 +435,7 @@ impl FlowModel for FluxModel {
     }
 
     fn with_lora(&self, path: &Path, strength: f64) -> anyhow::Result<Arc<dyn FlowModel>> {
-        let layers = self.transformer.layer_names();
+        let layers = self.transformer.layers();
         let adapters =
             lora::read_adapters(path, &layers, strength, self.network_dtype, &self.device)?;
         let transformer = self

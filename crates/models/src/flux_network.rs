@@ -22,6 +22,7 @@ use candle_transformers::quantized_nn;
 use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
 
 use crate::attention::{HeadNorms, Rotary, attention, split_heads};
+use crate::lora::Layer;
 use crate::parallel_load::{apply_fp8_scale, fp8_scale};
 use crate::vector_math::gelu;
 
@@ -209,6 +210,9 @@ pub struct FluxTransformer {
     /// The rotary embedding's channel pairs per position axis (image index, row, column).
     axes: Vec<usize>,
     theta: f64,
+    /// The model width and the MLPs' hidden width.
+    width: usize,
+    mlp: usize,
 }
 
 impl FluxTransformer {
@@ -238,6 +242,8 @@ impl FluxTransformer {
             final_layer: FinalLayer::load(hidden, config.in_channels, &weights.pp("final_layer"))?,
             axes: config.axes_dim.iter().map(|width| width / 2).collect(),
             theta: config.theta as f64,
+            width: hidden,
+            mlp: (hidden as f64 * config.mlp_ratio) as usize,
         })
     }
 
@@ -283,17 +289,34 @@ impl FluxTransformer {
         all
     }
 
-    /// The names of every linear layer (see [`FluxTransformer::with_adapters`]).
-    pub fn layer_names(&self) -> Vec<String> {
+    /// Every linear layer, by name, with its parts where it is fused (see
+    /// [`FluxTransformer::with_adapters`]).
+    pub fn layers(&self) -> Vec<Layer> {
         self.clone()
             .projections_mut()
             .into_iter()
-            .map(|(name, _)| name)
+            .map(|(name, _)| Layer {
+                parts: self.fused_parts(&name),
+                name,
+            })
             .collect()
     }
 
+    /// The output rows of each projection a fused layer computes at once, in order: a double
+    /// block's `qkv` (queries, keys, values) and a single block's `linear1` (those and the
+    /// MLP's); `None` for other layers.
+    pub fn fused_parts(&self, layer: &str) -> Option<Vec<usize>> {
+        if layer.ends_with("_attn.qkv") {
+            Some(vec![self.width; 3])
+        } else if layer.ends_with(".linear1") {
+            Some(vec![self.width, self.width, self.width, self.mlp])
+        } else {
+            None
+        }
+    }
+
     /// A copy sharing this network's weights, with `adapters` added to the layers they name
-    /// (see [`FluxTransformer::layer_names`]). A name that is no layer here is an error.
+    /// (see [`FluxTransformer::layers`]). A name that is no layer here is an error.
     pub fn with_adapters(
         &self,
         adapters: &BTreeMap<String, LowRank>,
