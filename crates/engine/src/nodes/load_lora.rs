@@ -21,7 +21,7 @@ pub fn definition() -> NodeDef {
             inputs: vec![PortSpec::required("model", PortType::Model)],
             outputs: vec![PortSpec::required("model", PortType::Model)],
             params: vec![
-                ParamSpec::path("path", true, "LoRA .safetensors file"),
+                ParamSpec::path("path", false, "LoRA .safetensors file"),
                 ParamSpec::float(
                     "strength",
                     -100.0,
