@@ -807,37 +807,22 @@ fn quantized_gguf_transformers_run_close_to_their_safetensors_original() {
     }
 }
 
-/// An fp8 (e4m3) single-file transformer, as ComfyUI users have them, loads (its matrices kept
-/// in fp8, each upcast to the model's precision when its layer runs) and runs close to its
-/// original.
+/// fp8 (e4m3) single-file transformers as ComfyUI users have them, plain and scaled (the
+/// current naming and the older one) load with their matrices kept in fp8, each upcast when
+/// its layer runs, and run close to their original. The scaled ones store each matrix about
+/// 2 000 times its size, so a scale left out would send the velocity far off.
 #[test]
-fn an_fp8_transformer_runs_close_to_its_original() {
+fn fp8_transformers_plain_and_scaled_run_close_to_their_original() {
     flowline::install_model_families();
     let dir = tempfile::tempdir().unwrap();
-    let (stray, described) = stray_from_original(dir.path(), "fp8", |folder| {
-        flux_transformer(false, "").save_fp8(&folder.join("flux1-schnell-fp8-e4m3fn.safetensors"))
-    });
-    // The matrices stay fp8 in memory, each upcast when its layer runs.
-    assert!(
-        described.contains("fp8 matrices upcast to F32 per layer"),
-        "{described}"
-    );
-    assert!(stray > 0.0, "fp8 weights cannot be exact");
-    assert!(stray < 0.1, "strays by {stray}");
-}
-
-/// ComfyUI's scaled fp8 transformers, in its current naming and its older one, run close to
-/// their original: each matrix is stored about 2 000 times its size, so a scale left out
-/// would send the velocity far off.
-#[test]
-fn a_scaled_fp8_transformer_runs_close_to_its_original() {
-    flowline::install_model_families();
-    let dir = tempfile::tempdir().unwrap();
-    for older in [false, true] {
-        let name = if older { "scaled-older" } else { "scaled" };
+    for name in ["fp8", "scaled", "scaled-older"] {
         let (stray, described) = stray_from_original(dir.path(), name, |folder| {
-            flux_transformer(false, "")
-                .save_fp8_scaled(&folder.join("flux1-schnell-fp8-scaled.safetensors"), older)
+            let transformer = flux_transformer(false, "");
+            let path = folder.join(format!("flux1-schnell-{name}-e4m3fn.safetensors"));
+            match name {
+                "fp8" => transformer.save_fp8(&path),
+                scaled => transformer.save_fp8_scaled(&path, scaled == "scaled-older"),
+            }
         });
         assert!(
             described.contains("fp8 matrices upcast to F32 per layer"),

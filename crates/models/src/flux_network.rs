@@ -22,7 +22,6 @@ use candle_transformers::quantized_nn;
 use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
 
 use crate::attention::{HeadNorms, Rotary, attention, split_heads};
-use crate::lora::Layer;
 use crate::parallel_load::{apply_fp8_scale, fp8_scale};
 use crate::vector_math::gelu;
 
@@ -141,6 +140,14 @@ enum Projection {
         base: Box<Projection>,
         adapters: Vec<LowRank>,
     },
+}
+
+/// A layer of the network, as LoRA files address it: its name in Black Forest Labs' layout
+/// and, for a fused layer, the rows of each of its parts (see
+/// [`FluxTransformer::fused_parts`]).
+pub struct Layer {
+    pub name: String,
+    pub parts: Option<Vec<usize>>,
 }
 
 /// One low-rank adapter: `scale · up · down · x` added to a layer's output.

@@ -29,7 +29,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use flowline_engine::error::InputError;
 
-use crate::flux_network::LowRank;
+use crate::flux_network::{Layer, LowRank};
 
 /// Prefixes before Black Forest Labs' layer names in the files that use them.
 const BFL_PREFIXES: [&str; 5] = [
@@ -75,13 +75,6 @@ struct Pieces {
     down: Option<Tensor>,
     up: Option<Tensor>,
     alpha: Option<f64>,
-}
-
-/// A layer of the network: its name in Black Forest Labs' layout and, for a fused layer, the
-/// rows of each of its parts (see [`crate::flux_network::FluxTransformer::fused_parts`]).
-pub struct Layer {
-    pub name: String,
-    pub parts: Option<Vec<usize>>,
 }
 
 /// The adapters in the LoRA file at `path` for a network of `layers`, scaled by `strength`,
