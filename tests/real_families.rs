@@ -760,6 +760,13 @@ fn prompts_change_the_conditioning_and_the_velocity() {
     assert!(difference > 1e-5, "{difference}");
 }
 
+/// A tiny FLUX model's velocity at a fixed point: a noise of seed 9 at σ = 0.5, "a red star".
+fn velocity(model: &dyn FlowModel) -> Tensor {
+    let x = flowline_engine::flow::noise::gaussian(9, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
+    let cond = model.encode_prompt("a red star").unwrap();
+    model.velocity(&x, 0.5, &cond).unwrap()
+}
+
 /// How far the tiny FLUX schnell's velocity at a fixed point strays when its transformer file
 /// is replaced by what `write` puts in a copy of its folder: the largest difference as a share
 /// of the original's largest value, and how the replacement describes itself.
@@ -773,11 +780,6 @@ fn stray_from_original(dir: &Path, name: &str, write: impl FnOnce(&Path)) -> (f3
     std::fs::remove_file(folder.join("flux1-schnell.safetensors")).unwrap();
     write(&folder);
     let replaced = load("flux-schnell", &folder).unwrap();
-    let x = flowline_engine::flow::noise::gaussian(9, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
-    let velocity = |model: &dyn FlowModel| {
-        let cond = model.encode_prompt("a red star").unwrap();
-        model.velocity(&x, 0.5, &cond).unwrap()
-    };
     let exact = velocity(original.as_ref());
     let largest: f32 = exact.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
     let error = largest_difference(&exact, &velocity(replaced.as_ref()));
@@ -954,11 +956,6 @@ fn a_lora_adds_what_merging_it_into_the_weights_adds() {
         .unwrap();
     let merged = load("flux-schnell", &merged_folder).unwrap();
 
-    let x = flowline_engine::flow::noise::gaussian(9, vec![1, 16, 4, 4], &Device::Cpu).unwrap();
-    let velocity = |model: &dyn FlowModel| {
-        let cond = model.encode_prompt("a red star").unwrap();
-        model.velocity(&x, 0.5, &cond).unwrap()
-    };
     let (before, expected) = (velocity(original.as_ref()), velocity(merged.as_ref()));
     let largest: f32 = expected
         .abs()
@@ -1045,6 +1042,42 @@ fn a_load_lora_node_changes_the_picture_by_its_strength() {
     let (at_one, _) = run(with_lora_node(&workflow, &lora, 1.0));
     assert_eq!(at_zero, plain);
     assert_ne!(at_one, plain);
+}
+
+/// A LoRA on a GGUF transformer runs beside its quantized layers, and an adapter whose
+/// shape does not fit its layer is named in the error.
+#[test]
+fn a_lora_on_a_quantized_transformer_is_checked_against_its_layers() {
+    flowline::install_model_families();
+    let dir = tempfile::tempdir().unwrap();
+    let folder = flat_folder(dir.path(), false);
+    std::fs::remove_file(folder.join("flux1-schnell.safetensors")).unwrap();
+    let gguf = folder.join("flux1-schnell-Q8_0.gguf");
+    flux_transformer(false, "").save_gguf(&gguf, candle_core::quantized::GgmlDType::Q8_0);
+    let model = load("flux-schnell", &folder).unwrap();
+    assert!(
+        model.describe().contains("quantized GGUF"),
+        "{}",
+        model.describe()
+    );
+    let lora = |outputs: usize| {
+        let mut adapter =
+            Tensors::new(5, DType::F32).with_prefix("diffusion_model.final_layer.linear");
+        adapter.random(".lora_A.weight", &[2, HIDDEN], 1.0);
+        adapter.random(".lora_B.weight", &[outputs, 2], 1.0);
+        let path = dir.path().join(format!("lora-{outputs}.safetensors"));
+        adapter.save(&path);
+        path
+    };
+    // The output layer gives the 64 packed latent channels.
+    let adapted = model.with_lora(&lora(64), 1.0).unwrap();
+    let moved = largest_difference(&velocity(adapted.as_ref()), &velocity(model.as_ref()));
+    assert!(moved > 1e-3, "the LoRA moved the velocity by {moved}");
+    let error = model.with_lora(&lora(63), 1.0).err().unwrap().to_string();
+    assert!(
+        error.contains("final_layer.linear maps 64 inputs to 63 outputs, the layer 64 to 64"),
+        "{error}"
+    );
 }
 
 /// Diffusers saves CLIP's tokenizer as `vocab.json` + `merges.txt`; assembled from them it

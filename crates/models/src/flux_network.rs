@@ -80,7 +80,8 @@ impl Weights {
                 Projection::Plain(candle_nn::linear_b(inputs, outputs, bias, vb.clone())?)
             }
             Weights::Quantized(vb) => {
-                Projection::Quantized(quantized_nn::linear_b(inputs, outputs, bias, vb.clone())?)
+                let layer = quantized_nn::linear_b(inputs, outputs, bias, vb.clone())?;
+                Projection::Quantized(layer, (outputs, inputs))
             }
         })
     }
@@ -134,7 +135,8 @@ enum Projection {
         bias: Option<Tensor>,
         dtype: DType,
     },
-    Quantized(quantized_nn::Linear),
+    /// Quantized weights (GGUF), with the `(outputs, inputs)` they were loaded as.
+    Quantized(quantized_nn::Linear, (usize, usize)),
     /// A layer with low-rank adapters (LoRA) added to its output.
     Adapted {
         base: Box<Projection>,
@@ -161,12 +163,12 @@ pub struct LowRank {
 }
 
 impl Projection {
-    /// `(outputs, inputs)` of the layer's weight matrix, where it is at hand.
-    fn dims(&self) -> Option<(usize, usize)> {
+    /// `(outputs, inputs)` of the layer's weight matrix.
+    fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
-            Projection::Plain(layer) => layer.weight().dims2().ok(),
-            Projection::Upcast { weight, .. } => weight.dims2().ok(),
-            Projection::Quantized(_) => None,
+            Projection::Plain(layer) => layer.weight().dims2(),
+            Projection::Upcast { weight, .. } => weight.dims2(),
+            Projection::Quantized(_, dims) => Ok(*dims),
             Projection::Adapted { base, .. } => base.dims(),
         }
     }
@@ -188,7 +190,7 @@ impl Module for Projection {
                 }
                 candle_nn::Linear::new(upcast, bias.clone()).forward(x)
             }
-            Projection::Quantized(layer) => layer.forward(x),
+            Projection::Quantized(layer, _) => layer.forward(x),
             Projection::Adapted { base, adapters } => {
                 let mut y = base.forward(x)?;
                 for adapter in adapters {
@@ -334,7 +336,8 @@ impl FluxTransformer {
             if let Some(adapter) = adapters.get(&name) {
                 unused.remove(&name);
                 let adapter_dims = (adapter.up.dim(0)?, adapter.down.dim(1)?);
-                if let Some(dims) = projection.dims().filter(|&dims| dims != adapter_dims) {
+                let dims = projection.dims()?;
+                if dims != adapter_dims {
                     candle_core::bail!(
                         "the adapter of {name} maps {} inputs to {} outputs, the layer {} to {}",
                         adapter_dims.1,
