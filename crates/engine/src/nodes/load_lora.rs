@@ -39,6 +39,9 @@ pub fn definition() -> NodeDef {
 fn run(ctx: &mut NodeContext<'_>) -> anyhow::Result<Vec<Value>> {
     let model = ctx.model("model")?;
     let path = PathBuf::from(ctx.text("path"));
+    if path.as_os_str().is_empty() {
+        return Err(InputError("no LoRA file is set: choose one in path".into()).into());
+    }
     if !path.is_file() {
         return Err(InputError(format!("LoRA file {} does not exist", path.display())).into());
     }
