@@ -171,7 +171,11 @@ fn lora_loaders_become_load_lora_nodes_between_the_model_and_the_sampler() {
     assert!(opened.warnings[0].contains("node 41 (LoraLoaderModelOnly)"));
     assert!(opened.warnings[0].contains("lora_name detail.safetensors was not found"));
     assert!(opened.warnings[1].contains("node 40 (LoraLoader)"));
-    assert!(opened.warnings[1].contains("strength_clip is left out"));
+    assert!(
+        opened.warnings[1].contains(
+            "strength_clip is left out: Flowline adds a LoRA to the diffusion model only"
+        )
+    );
     assert_valid(workflow);
 }
 

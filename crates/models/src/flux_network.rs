@@ -256,8 +256,8 @@ impl FluxTransformer {
         })
     }
 
-    /// Every linear layer with its name in Black Forest Labs' layout (`double_blocks.0.img_attn.qkv`),
-    /// the names LoRA files address.
+    /// Every linear layer with its name in Black Forest Labs' layout
+    /// (`double_blocks.0.img_attn.qkv`), the names LoRA files address.
     fn projections_mut(&mut self) -> Vec<(String, &mut Projection)> {
         let mut all: Vec<(String, &mut Projection)> = vec![
             ("img_in".into(), &mut self.img_in),

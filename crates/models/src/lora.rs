@@ -119,7 +119,15 @@ pub fn read_adapters(
             Part::Down => entry.down = Some(tensor),
             Part::Up => entry.up = Some(tensor),
             Part::Alpha => {
-                entry.alpha = Some(f64::from(tensor.flatten_all()?.to_vec1::<f32>()?[0]))
+                let values = tensor.flatten_all()?.to_vec1::<f32>()?;
+                let [alpha] = values[..] else {
+                    return Err(InputError(format!(
+                        "the LoRA {file} holds {name} with {} values, where an alpha is one",
+                        values.len()
+                    ))
+                    .into());
+                };
+                entry.alpha = Some(f64::from(alpha));
             }
         }
     }

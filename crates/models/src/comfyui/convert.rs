@@ -505,7 +505,8 @@ impl<'a> Converter<'a> {
                 if lora.number("strength_clip")? != 0.0 {
                     self.warn(
                         lora,
-                        "its strength_clip is left out: Flowline adds a LoRA to the diffusion                          model only, and the prompt is encoded as without it",
+                        "its strength_clip is left out: Flowline adds a LoRA to the diffusion model \
+                         only, and the prompt is encoded as without it",
                     );
                 }
                 continue;
