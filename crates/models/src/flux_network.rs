@@ -22,7 +22,7 @@ use candle_transformers::quantized_nn;
 use candle_transformers::quantized_var_builder::VarBuilder as QuantizedVarBuilder;
 
 use crate::attention::{HeadNorms, Rotary, attention, split_heads};
-use crate::parallel_load::{apply_fp8_scale, fp8_scale};
+use crate::parallel_load::fp8_scale;
 use crate::vector_math::gelu;
 
 /// Where the transformer's weights come from.
@@ -70,8 +70,8 @@ impl Weights {
                 )?;
                 let bias = bias.then(|| vb.get(outputs, "bias")).transpose()?;
                 Projection::Upcast {
+                    scale: fp8_scale(vb, &weight)?,
                     weight,
-                    scale: fp8_scale(vb)?,
                     bias,
                     dtype: vb.dtype(),
                 }
@@ -128,7 +128,7 @@ impl Weights {
 enum Projection {
     Plain(candle_nn::Linear),
     /// fp8 weights, upcast to `dtype` (and multiplied by their scale, in a scaled
-    /// checkpoint) for each product and dropped after it.
+    /// checkpoint, already shaped and at `dtype`) for each product and dropped after it.
     Upcast {
         weight: Tensor,
         scale: Option<Tensor>,
@@ -186,7 +186,7 @@ impl Module for Projection {
             } => {
                 let mut upcast = weight.to_dtype(*dtype)?;
                 if let Some(scale) = scale {
-                    upcast = apply_fp8_scale(&upcast, scale, "an fp8 matrix")?;
+                    upcast = upcast.broadcast_mul(scale)?;
                 }
                 candle_nn::Linear::new(upcast, bias.clone()).forward(x)
             }

@@ -37,7 +37,10 @@ impl ParallelSafetensors {
             return Ok(tensor);
         }
         match self.fp8_scale(name)? {
-            Some(scale) => apply_fp8_scale(&tensor, &scale, name),
+            Some(scale) => {
+                let scale = fp8_scale_for(&scale, tensor.dims(), tensor.dtype(), name)?;
+                tensor.broadcast_mul(&scale.to_device(device)?)
+            }
             None => Ok(tensor),
         }
     }
@@ -112,34 +115,38 @@ const SCALE_NAMES: [&str; 2] = ["weight_scale", "scale_weight"];
 /// `comfy_quant` formats that are fp8 with one scale, which [`ParallelSafetensors`] reads.
 const FP8_FORMATS: [&str; 2] = ["float8_e4m3fn", "float8_e5m2"];
 
-/// The scale of fp8 weight `weight` under `vb` (see [`ParallelSafetensors`]), for a network
-/// that keeps the weight fp8 and upcasts it when it runs.
-pub fn fp8_scale(vb: &VarBuilder) -> candle_core::Result<Option<Tensor>> {
-    SCALE_NAMES
-        .iter()
-        .find(|scale| vb.contains_tensor(scale))
-        .map(|scale| vb.get_unchecked_dtype(scale, DType::F32))
-        .transpose()
+/// The scale of the fp8 weight `weight` under `vb` (see [`ParallelSafetensors`]), ready to
+/// multiply it once it is upcast to `vb`'s precision, for a network that keeps it fp8 and
+/// upcasts it when it runs; checked against `weight` here, at load, where its name is known.
+pub fn fp8_scale(vb: &VarBuilder, weight: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let Some(scale) = SCALE_NAMES.iter().find(|scale| vb.contains_tensor(scale)) else {
+        return Ok(None);
+    };
+    let scale = vb.get_unchecked_dtype(scale, DType::F32)?;
+    let name = format!("{}.weight", vb.prefix());
+    fp8_scale_for(&scale, weight.dims(), vb.dtype(), &name).map(Some)
 }
 
-/// `weight` (named `name`, for errors) times its fp8 `scale`: one value for the whole tensor,
-/// or one per output row.
-pub fn apply_fp8_scale(weight: &Tensor, scale: &Tensor, name: &str) -> candle_core::Result<Tensor> {
-    let rows = weight.dims().first().copied().unwrap_or(1);
-    let scale = scale.to_device(weight.device())?.to_dtype(weight.dtype())?;
-    if scale.elem_count() == 1 {
-        weight.broadcast_mul(&scale.flatten_all()?)
-    } else if scale.elem_count() == rows {
-        let mut shape = vec![1; weight.rank()];
+/// `scale` shaped to multiply a weight of `dims` (named `name`, for errors) at `dtype`: one
+/// value for the whole tensor, or one per output row.
+fn fp8_scale_for(
+    scale: &Tensor,
+    dims: &[usize],
+    dtype: DType,
+    name: &str,
+) -> candle_core::Result<Tensor> {
+    let rows = dims.first().copied().unwrap_or(1);
+    let mut shape = vec![1; dims.len()];
+    if scale.elem_count() == rows {
         shape[0] = rows;
-        weight.broadcast_mul(&scale.reshape(shape)?)
-    } else {
+    } else if scale.elem_count() != 1 {
         candle_core::bail!(
             "{name}: its fp8 scale has shape {:?}, neither one value nor one per row of {:?}",
             scale.dims(),
-            weight.dims()
-        )
+            dims
+        );
     }
+    scale.to_dtype(dtype)?.reshape(shape)
 }
 
 /// Decodes little-endian values of `N` bytes into `T`, in parallel chunks.
@@ -328,11 +335,20 @@ mod tests {
             );
         }
         let vb = VarBuilder::from_backend(Box::new(ours), DType::F32, device.clone());
-        let scale = fp8_scale(&vb.pp("old"))
+        let scale = fp8_scale(&vb.pp("old"), &stored)
             .unwrap()
             .expect("the old name is found");
-        assert_eq!(scale.to_scalar::<f32>().unwrap(), 1e-3);
-        assert!(fp8_scale(&vb.pp("plain")).unwrap().is_none());
+        assert_eq!(
+            scale.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [1e-3]
+        );
+        assert!(fp8_scale(&vb.pp("plain"), &stored).unwrap().is_none());
+        let wrong = Tensor::zeros((5, 10), DType::F8E4M3, &device).unwrap();
+        let refused = fp8_scale(&vb.pp("rows"), &wrong).unwrap_err().to_string();
+        assert!(
+            refused.contains("rows.weight: its fp8 scale has shape [6]"),
+            "{refused}"
+        );
         let refused = vb.get_unchecked("packed.weight").unwrap_err().to_string();
         assert!(
             refused.contains("packed.weight is quantized as nvfp4"),
