@@ -38,6 +38,8 @@ const MODEL_SAMPLING: [&str; 2] = ["ModelSamplingFlux", "ModelSamplingSD3"];
 const LORAS: [&str; 2] = ["LoraLoaderModelOnly", "LoraLoader"];
 /// What a MODEL input passes through on its way to the loaders.
 const MODEL_WAY: [&str; 4] = [MODEL_SAMPLING[0], MODEL_SAMPLING[1], LORAS[0], LORAS[1]];
+/// What a CLIP input passes through: the LoRA loader that has a CLIP output.
+const CLIP_WAY: [&str; 1] = [LORAS[1]];
 const PROMPTS: [&str; 2] = ["CLIPTextEncode", "CLIPTextEncodeFlux"];
 const SAMPLERS: [&str; 3] = ["KSampler", "KSamplerAdvanced", "SamplerCustomAdvanced"];
 const GUIDERS: [&str; 2] = ["BasicGuider", "CFGGuider"];
@@ -486,7 +488,7 @@ impl<'a> Converter<'a> {
     fn model_input(&mut self, node: &ComfyNode, name: &str) -> Result<ModelUse<'a>, ImportError> {
         let through: &[&str] = match name {
             "model" => &MODEL_WAY,
-            "clip" => &LORAS[1..],
+            "clip" => &CLIP_WAY,
             _ => &[],
         };
         let (source, passed) = self.trace(node, name, through, name)?;
